@@ -1,0 +1,47 @@
+"""Rank, local rank, world size and master address, read from whichever launcher started us.
+
+This is the one place that knows the launchers' variable names (torchrun, Slurm, our local executor).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def export(self) -> dict[str, str]:
+        """The variables torch.distributed and DeepSpeed read (env:// initialisation)."""
+        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
+                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+
+
+def _first_host(nodelist: str) -> str:
+    """``node[01-04,07],other`` -> ``node01``: the first host of a Slurm node list."""
+    bracket, comma = nodelist.find("["), nodelist.find(",")
+    if bracket == -1 or (comma != -1 and comma < bracket):
+        return nodelist.split(",")[0]
+    return nodelist[:bracket] + re.split(r"[,\-\]]", nodelist[bracket + 1:])[0]
+
+
+def rank_info_from_env(env: Mapping[str, str] | None = None) -> RankInfo:
+    """torchrun's variables win, then Slurm's, else a single process."""
+    env = os.environ if env is None else env
+    port = int(env.get("MASTER_PORT", "29500"))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
+                        env.get("MASTER_ADDR", "127.0.0.1"), port)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        addr = env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        return RankInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
+                        addr, port)
+    return RankInfo()

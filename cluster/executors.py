@@ -1,0 +1,69 @@
+"""Executors start a stage's processes and report whether they all succeeded.
+
+Every executor ends up in :func:`pipeline.stage_exec.execute_stage`; only the way processes are
+started differs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from typing import Protocol
+
+from cluster.env import RankInfo
+from pipeline.config.schema import PipelineConfig, StageSpec
+from pipeline.logs import get_logger
+from pipeline.stage_exec import execute_stage
+
+log = get_logger("executor")
+
+
+class Executor(Protocol):
+    def run(self, config: PipelineConfig, spec: StageSpec) -> bool:
+        """Run the stage to completion; True when it finished successfully."""
+
+
+class InlineExecutor:
+    """Runs the stage in the ``kope`` process itself: simplest, and what tests and the demo use."""
+
+    def run(self, config: PipelineConfig, spec: StageSpec) -> bool:
+        try:
+            execute_stage(config, spec, RankInfo())
+        except Exception:
+            return False
+        return True
+
+
+class LocalExecutor:
+    """Starts ``nproc`` processes on this machine as one process group (gloo or NCCL via env://)."""
+
+    def __init__(self, nproc: int):
+        self.nproc = nproc
+
+    def run(self, config: PipelineConfig, spec: StageSpec) -> bool:
+        port = free_port()
+        procs = []
+        for rank in range(self.nproc):
+            info = RankInfo(rank=rank, world_size=self.nproc, local_rank=rank, master_port=port)
+            env = {**os.environ, **info.export()}
+            cmd = [sys.executable, "-m", "pipeline.stage_main", str(config.run_dir), spec.name]
+            procs.append(subprocess.Popen(cmd, env=env))
+        codes = [proc.wait() for proc in procs]
+        if any(codes):
+            log.error("stage %s: process exit codes %s", spec.name, codes)
+        return not any(codes)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def executor_for(config: PipelineConfig, spec: StageSpec) -> Executor:
+    name = spec.launch.executor or config.settings.executor
+    if name == "local":
+        return LocalExecutor(spec.launch.nproc)
+    return InlineExecutor()

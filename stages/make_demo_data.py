@@ -1,0 +1,27 @@
+"""Stage ``make_demo_data``: build the two-digit demo datasets in the stage folder if it is empty."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config.types import setting
+from pipeline.demo_data import DemoSpec, make_demo_data
+from pipeline.stage import StageContext
+
+
+@dataclass
+class Settings:
+    seed: int = setting(0, ge=0, help="seed of every random choice; same seed, same bytes")
+    train_per_class: int = setting(20, ge=1, help="training images per class (90 classes)")
+    val_per_class: int = setting(5, ge=1, help="validation images per class")
+    captioned: int = setting(1000, ge=1, help="images in the DataComp-style captioned set")
+
+
+def run(settings: Settings, ctx: StageContext) -> dict:
+    spec = DemoSpec(seed=settings.seed, train_per_class=settings.train_per_class,
+                    val_per_class=settings.val_per_class, captioned=settings.captioned)
+    root = make_demo_data(ctx.out_dir, spec)
+    ctx.log.info("demo data ready in %s", root)
+    rel = root.relative_to(ctx.run_dir)
+    return {"imagenet": str(rel / "imagenet"), "datacomp": str(rel / "datacomp"),
+            "train_images": 90 * settings.train_per_class, "captioned_images": settings.captioned}

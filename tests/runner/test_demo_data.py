@@ -1,0 +1,58 @@
+"""Demo data is a pure function of its seed, and is what the class rule says it is."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.demo_data import DemoSpec, class_pairs, make_demo_data, wnid
+
+SMALL = DemoSpec(seed=3, train_per_class=2, val_per_class=1, captioned=30)
+
+
+def digest_tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    first = digest_tree(make_demo_data(tmp_path / "a", SMALL))
+    second = digest_tree(make_demo_data(tmp_path / "b", SMALL))
+    assert first == second
+    other = digest_tree(make_demo_data(tmp_path / "c", DemoSpec(seed=4, train_per_class=2, val_per_class=1,
+                                                                captioned=30)))
+    assert set(other) != set(first) or any(other[k] != first[k] for k in first)
+
+
+def test_layout_and_contents(tmp_path):
+    root = make_demo_data(tmp_path / "demo", SMALL)
+    classes = (root / "imagenet" / "classes.tsv").read_text().splitlines()
+    assert len(classes) == 90 == len(class_pairs())
+    index, class_wnid, name = classes[37].split("\t")
+    assert index == "37" and class_wnid == wnid(class_pairs()[37]) and " then " in name
+    train = sorted((root / "imagenet" / "train").glob("*/*.JPEG"))
+    val = sorted((root / "imagenet" / "val").glob("*/*.JPEG"))
+    assert len(train) == 180 and len(val) == 90
+    with Image.open(train[0]) as image:
+        assert image.size == (64, 64) and image.mode == "RGB" and image.format == "JPEG"
+    table = pq.read_table(root / "datacomp" / "metadata.parquet").to_pylist()
+    assert len(table) == 30 and len({row["uid"] for row in table}) == 30
+    row = table[0]
+    assert len(row["uid"]) == 32 and int(row["uid"], 16) >= 0
+    assert (root / "datacomp" / row["url"]).is_file()
+    words = row["text"].split()
+    assert words[0] == "a" and ("above" in words or "left" in words) and words[2] != words[-1]
+
+
+def test_rerun_is_a_no_op_and_partial_output_is_replaced(tmp_path):
+    root = make_demo_data(tmp_path / "demo", SMALL)
+    marker_mtime = (root / "demo.json").stat().st_mtime_ns
+    make_demo_data(root, SMALL)
+    assert (root / "demo.json").stat().st_mtime_ns == marker_mtime
+    (root / "demo.json").unlink()
+    (root / "imagenet" / "classes.tsv").write_text("garbage")
+    make_demo_data(root, SMALL)
+    assert (root / "imagenet" / "classes.tsv").read_text().count("\n") == 90

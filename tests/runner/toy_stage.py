@@ -1,0 +1,36 @@
+"""A stage kind for runner tests: records that it ran, can read an input, sleep or fail."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from pipeline.config.types import InputPath, setting
+from pipeline.stage import StageContext
+
+
+@dataclass
+class Settings:
+    value: int = setting(ge=0, le=1000, help="a required number, echoed in the outputs")
+    source: InputPath | None = None
+    fail: bool = False
+    sleep_s: float = setting(0.0, ge=0)
+    tags: list[str] = setting(default_factory=list)
+
+
+def run(settings: Settings, ctx: StageContext) -> dict:
+    with open(ctx.run_dir / "order.txt", "a", encoding="utf-8") as handle:
+        handle.write(f"{ctx.name} rank{ctx.rank}/{ctx.world_size}\n")
+    if settings.sleep_s:
+        (ctx.out_dir / "started").write_text(str(os.getpid()))
+        time.sleep(settings.sleep_s)
+    if settings.fail:
+        raise RuntimeError(f"planted failure in {ctx.name}")
+    upstream = None
+    if settings.source:
+        upstream = json.loads((ctx.input_path(settings.source) / "result.json").read_text())["value"]
+    if ctx.is_main:
+        (ctx.out_dir / "result.json").write_text(json.dumps({"value": settings.value}))
+    return {"value": settings.value, "upstream": upstream}
