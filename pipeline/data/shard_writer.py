@@ -1,0 +1,308 @@
+"""Write shards deterministically and atomically, keep finished ones on a re-run, and finish a dataset.
+
+A shard's bytes depend only on its job, so shards can be written by any number of processes or Slurm array
+tasks without coordination: members come in a fixed order (``.jpg``, ``.cls``/``.txt``, ``.json``) with
+mtime 0, uid/gid 0, empty owner names and mode 0444. The tar is written under a temporary name and renamed
+when complete, then the shard's parquet, then ``NNNNNN_stats.json``, which marks the shard finished and records
+its sha256 and the fingerprint of its job. A re-run keeps a shard whose stats match its job and whose tar still
+hashes to the recorded sha256, and rewrites anything else.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.data.manifest import INDEX_FILES, ClassInfo, Manifest, ShardInfo, shard_name
+from pipeline.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from pipeline.progress import progress
+
+STATS_SUFFIX = "_stats.json"
+TARGETS = {"classification": ("cls", "label"), "captions": ("txt", "caption")}
+SHARD_FILE = re.compile(r"^(\d{6})(\.tar|\.parquet|_stats\.json)$")
+REPORT_SAMPLE_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample ready to store; ``target`` is the class index (``.cls``) or the caption (``.txt``)."""
+
+    key: str
+    image: bytes
+    target: int | str
+    uid: str
+    width: int
+    height: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    converted_from: str | None = None
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An input left out of its shard, counted under ``reason``; ``source`` names the file or sample."""
+
+    reason: str
+    source: str
+    detail: str = ""
+
+
+class ShardJob(Protocol):
+    """Everything one shard's content depends on; picklable, so a worker process can write it."""
+
+    index: int
+    kind: str  # a key of TARGETS
+
+    def fingerprint(self) -> str: ...
+
+    def items(self) -> Iterator[Sample | Skip]: ...
+
+
+class DatasetPlan(Protocol):
+    """A dataset cut into shard jobs, plus what was dropped before sharding (filters, failed downloads)."""
+
+    num_shards: int
+    skipped: Counter
+    skipped_samples: list[dict[str, str]]
+
+    def job(self, index: int) -> ShardJob: ...
+
+
+@dataclass
+class ShardStats:
+    """The content of ``NNNNNN_stats.json``."""
+
+    name: str
+    count: int
+    bytes: int
+    sha256: str
+    fingerprint: str
+    skipped: dict[str, int]
+    converted: dict[str, int]
+    skipped_samples: list[dict[str, str]]
+
+    def info(self) -> ShardInfo:
+        return ShardInfo(self.name, self.count, self.bytes, self.sha256)
+
+
+def stats_path(directory: Path, index: int) -> Path:
+    return directory / f"{index:06d}{STATS_SUFFIX}"
+
+
+def sample_key(shard: int, position: int, width: int) -> str:
+    """img2dataset-style key: shard index then the position in the shard's input, zero-padded."""
+    return f"{shard:05d}{position:0{width}d}"
+
+
+def key_width(max_shard_inputs: int) -> int:
+    return max(4, len(str(max(max_shard_inputs - 1, 0))))
+
+
+def write_shard(directory: Path, job: ShardJob) -> ShardStats:
+    """Write shard ``job.index`` (tar, parquet, stats) into ``directory``, whatever is there already."""
+    directory = Path(directory)
+    name = shard_name(job.index)
+    target_ext, target_column = TARGETS[job.kind]
+    rows: dict[str, list] = {"key": [], "uid": [], target_column: [], "width": [], "height": []}
+    skipped: Counter = Counter()
+    converted: Counter = Counter()
+    skipped_samples: list[dict[str, str]] = []
+    with _atomic_file(directory / name) as handle, tarfile.open(
+            fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for item in job.items():
+            if isinstance(item, Skip):
+                skipped[item.reason] += 1
+                skipped_samples.append(asdict(item))
+                continue
+            _add_sample(tar, item, target_ext)
+            for column, value in (("key", item.key), ("uid", item.uid), (target_column, item.target),
+                                  ("width", item.width), ("height", item.height)):
+                rows[column].append(value)
+            if item.converted_from:
+                converted[item.converted_from] += 1
+    atomic_write_bytes(directory / f"{job.index:06d}.parquet", _parquet_bytes(rows, target_column))
+    tar_path = directory / name
+    stats = ShardStats(name, len(rows["key"]), tar_path.stat().st_size, sha256_file(tar_path), job.fingerprint(),
+                       dict(sorted(skipped.items())), dict(sorted(converted.items())), skipped_samples)
+    atomic_write_json(stats_path(directory, job.index), asdict(stats))
+    return stats
+
+
+def finished_shard(directory: Path, job: ShardJob) -> ShardStats | None:
+    """The stats of shard ``job.index`` if it is complete, made from this job and intact; else ``None``."""
+    try:
+        stats = ShardStats(**json.loads(stats_path(directory, job.index).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+    tar_path = directory / stats.name
+    if (stats.fingerprint != job.fingerprint() or not tar_path.is_file()
+            or not (directory / f"{job.index:06d}.parquet").is_file()
+            or tar_path.stat().st_size != stats.bytes or sha256_file(tar_path) != stats.sha256):
+        return None
+    return stats
+
+
+def write_shards(directory: Path, plan: DatasetPlan, indices: Iterable[int], workers: int = 1,
+                 log: logging.Logger | None = None, desc: str = "shards") -> dict[int, ShardStats]:
+    """Write the shards ``indices`` of ``plan`` that are not finished yet; return every one's stats.
+
+    This is what a Slurm array task calls with its range; ``build_shards`` is the same for all shards.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    indices = list(indices)
+    results: dict[int, ShardStats] = {}
+    started = [index for index in indices if stats_path(directory, index).exists()]
+    if started:
+        for index in progress(started, desc=f"{desc}: verifying finished shards", log=log):
+            if (done := finished_shard(directory, plan.job(index))) is not None:
+                results[index] = done
+    missing = [index for index in indices if index not in results]
+    if results and log:
+        log.info("%s: kept %d finished shards, %d to write", desc, len(results), len(missing))
+    if missing:
+        written = _write_all(directory, plan, missing, workers)
+        for index, stats in progress(written, total=len(missing), desc=f"{desc}: writing", log=log):
+            results[index] = stats
+    return results
+
+
+def build_shards(directory: Path, plan: DatasetPlan, workers: int = 1, log: logging.Logger | None = None,
+                 desc: str = "shards") -> list[ShardStats]:
+    """Make every shard of ``plan`` exist and verify; drop temporaries and shards no longer planned.
+
+    The manifest and the files derived from it go first, so a folder being rebuilt never looks finished.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for leftover in [*INDEX_FILES, *directory.glob(".*.tmp")]:
+        (directory / leftover).unlink(missing_ok=True)
+    for path in directory.iterdir():
+        match = SHARD_FILE.match(path.name)
+        if match and int(match.group(1)) >= plan.num_shards:
+            path.unlink()
+    results = write_shards(directory, plan, range(plan.num_shards), workers, log, desc)
+    return [results[index] for index in range(plan.num_shards)]
+
+
+def finish_dataset(directory: Path, plan: DatasetPlan, stats: list[ShardStats], *, name: str, kind: str,
+                   split: str, config: dict[str, Any], classes: list[ClassInfo] | None = None) -> Manifest:
+    """Write the manifest (and the files derived from it) for shards that ``build_shards`` made."""
+    skipped = Counter(plan.skipped)
+    converted: Counter = Counter()
+    for shard in stats:
+        skipped.update(shard.skipped)
+        converted.update(shard.converted)
+    manifest = Manifest(name=name, kind=kind, split=split, shards=[shard.info() for shard in stats],
+                        classes=classes or [], skipped=dict(skipped), converted=dict(converted), config=config)
+    manifest.save(directory)
+    return manifest
+
+
+def dataset_report(manifest: Manifest, plan: DatasetPlan, stats: list[ShardStats]) -> dict[str, Any]:
+    """A stage report entry: counts by reason and the skipped samples themselves (up to a limit)."""
+    samples = list(plan.skipped_samples)
+    for shard in stats:
+        samples.extend(shard.skipped_samples)
+    return {"name": manifest.name, "samples": manifest.num_samples, "shards": len(manifest.shards),
+            "bytes": sum(shard.bytes for shard in manifest.shards), "skipped": manifest.skipped,
+            "skipped_total": sum(manifest.skipped.values()), "converted": manifest.converted,
+            "skipped_samples": samples[:REPORT_SAMPLE_LIMIT],
+            "skipped_samples_truncated": len(samples) > REPORT_SAMPLE_LIMIT}
+
+
+def default_workers(workers: int) -> int:
+    """``workers`` if set, else one per CPU this process may use."""
+    if workers:
+        return workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _write_all(directory: Path, plan: DatasetPlan, indices: list[int], workers: int
+               ) -> Iterator[tuple[int, ShardStats]]:
+    """Write shards in this process (``workers <= 1``) or in a pool of fresh (spawned) processes."""
+    if workers <= 1 or len(indices) <= 1:
+        for index in indices:
+            yield index, write_shard(directory, plan.job(index))
+        return
+    pending: dict[Future, int] = {}
+    queue = iter(indices)
+    pool = ProcessPoolExecutor(workers, mp_context=_worker_context())
+    try:
+        def submit_next() -> None:
+            index = next(queue, None)
+            if index is not None:
+                pending[pool.submit(write_shard, directory, plan.job(index))] = index
+
+        for _ in range(2 * workers):
+            submit_next()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                index = pending.pop(future)
+                yield index, future.result()
+                submit_next()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers fork from a clean server process that imported this module once: no threads are inherited
+    (unlike plain fork) and the package's imports are paid once, not once per worker (unlike spawn)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _add_sample(tar: tarfile.TarFile, sample: Sample, target_ext: str) -> None:
+    """Append one sample's members in the fixed order."""
+    target_bytes = sample.target.encode("utf-8") if target_ext == "txt" else str(int(sample.target)).encode()
+    meta = {"uid": sample.uid, "width": sample.width, "height": sample.height, **sample.meta}
+    meta_bytes = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    for ext, data in (("jpg", sample.image), (target_ext, target_bytes), ("json", meta_bytes)):
+        info = tarfile.TarInfo(f"{sample.key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        tar.addfile(info, io.BytesIO(data))
+
+
+def _parquet_bytes(rows: dict[str, list], target: str) -> bytes:
+    schema = pa.schema([("key", pa.string()), ("uid", pa.string()),
+                        (target, pa.int64() if target == "label" else pa.string()),
+                        ("width", pa.int32()), ("height", pa.int32())])
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(rows, schema=schema), buffer)
+    return buffer.getvalue()
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file written under a hidden temporary name beside ``path`` and renamed over it when complete."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,162 @@
+"""Stage ``shard_datacomp``: DataComp-style captioned data -> one WebDataset shard folder (``train/``).
+
+Two modes. ``download``: metadata parquet(s) (uid, url, text, optional scores) are downloaded with
+img2dataset into ``_download/`` (finished img2dataset shards survive a crash) and then resharded.
+``reshard``: existing img2dataset / DataComp shards are resharded directly. Either way a uid subset and the
+caption / size / aspect-ratio filters apply, the uid stays in every sample's json, and ``report.json`` counts
+every dropped sample by reason (failed downloads included).
+
+With ``serve_local`` the metadata's folder is served on 127.0.0.1 while img2dataset runs and relative urls
+are resolved against it: the demo downloads its images through the real downloader this way.
+
+Output shards are a pure function of the settings and the downloaded shards, so a re-run keeps finished
+shards and yields identical bytes. On a cluster a reshard can run as an array job (:func:`run_part`); then
+:func:`run` verifies every shard (writing any that is missing) and writes the manifest.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config.types import InputPath, setting
+from pipeline.data.datacomp_source import (
+    DownloadOptions,
+    ReshardPlan,
+    SampleFilters,
+    download,
+    load_uid_subset,
+    plan_reshard,
+    serve_folder,
+    write_download_list,
+)
+from pipeline.data.images import PIL_DEFAULT_MAX_PIXELS, ImageOptions
+from pipeline.data.shard_writer import (
+    build_shards,
+    dataset_report,
+    default_workers,
+    finish_dataset,
+    write_shards,
+)
+from pipeline.fsutil import atomic_write_json
+from pipeline.stage import StageContext
+
+DATASET = "train"
+DOWNLOAD_DIR = "_download"
+REPORT_FILE = "report.json"
+
+
+@dataclass
+class Settings:
+    source: InputPath = setting(help="download: a metadata parquet or a folder of them; reshard: a folder of "
+                                     "img2dataset / DataComp shards")
+    mode: Literal["download", "reshard"] = setting("download", help="download with img2dataset, or reshard")
+    serve_local: bool = setting(False, help="download: serve the metadata's folder on 127.0.0.1 and resolve "
+                                            "relative urls against it")
+    uid_subset: InputPath | None = setting(None, help="DataComp's sorted u8,u8 uid file: keep only these uids")
+    name: str = setting("datacomp", help="dataset name in the manifest")
+    samples_per_shard: int = setting(10_000, ge=1, help="kept samples per output shard")
+    url_col: str = setting("url", help="metadata column with the image url")
+    caption_col: str = setting("text", help="metadata column with the caption")
+    uid_col: str = setting("uid", help="metadata column with the uid")
+    extra_columns: list[str] = setting(default_factory=list,
+                                       help="metadata columns copied into each sample's json (e.g. scores)")
+    image_size: int = setting(512, ge=1, help="img2dataset image_size")
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = setting(
+        "keep_ratio_largest", help="img2dataset resize_mode")
+    resize_only_if_bigger: bool = setting(True, help="img2dataset resize_only_if_bigger")
+    encode_quality: int = setting(95, ge=1, le=100, help="img2dataset JPEG quality")
+    timeout_s: float = setting(10.0, gt=0, help="per-request timeout")
+    retries: int = setting(0, ge=0, help="download retries per url")
+    thread_count: int = setting(64, ge=1, help="download threads per process")
+    processes: int = setting(1, ge=1, help="img2dataset processes")
+    download_shard_size: int = setting(10_000, ge=1, help="samples per img2dataset shard")
+    keep_download: bool = setting(False, help="keep img2dataset's shards (a second full copy) after resharding")
+    min_caption_chars: int = setting(1, ge=1, help="shorter captions (after stripping) are dropped")
+    max_caption_chars: int = setting(0, ge=0, help="longer captions are dropped; 0: no limit")
+    min_image_size: int = setting(0, ge=0, help="images whose original shorter side is smaller are dropped")
+    max_aspect_ratio: float = setting(0.0, ge=0, help="images with a larger long/short side ratio are dropped; "
+                                                      "0: no limit")
+    max_pixels: int = setting(PIL_DEFAULT_MAX_PIXELS, ge=1, help="larger images are dropped")
+    quality: int = setting(90, ge=1, le=100, help="JPEG quality of images we convert (PNG, CMYK, ...)")
+    workers: int = setting(0, ge=0, help="processes writing shards; 0: one per CPU")
+
+
+def sample_filters(settings: Settings) -> SampleFilters:
+    return SampleFilters(settings.min_caption_chars, settings.max_caption_chars, settings.min_image_size,
+                         settings.max_aspect_ratio)
+
+
+def download_options(settings: Settings) -> DownloadOptions:
+    return DownloadOptions(
+        image_size=settings.image_size, resize_mode=settings.resize_mode,
+        resize_only_if_bigger=settings.resize_only_if_bigger, encode_quality=settings.encode_quality,
+        min_image_size=settings.min_image_size, max_aspect_ratio=settings.max_aspect_ratio,
+        max_pixels=settings.max_pixels, timeout_s=settings.timeout_s, retries=settings.retries,
+        thread_count=settings.thread_count, processes=settings.processes,
+        samples_per_shard=settings.download_shard_size)
+
+
+def fetch(settings: Settings, ctx: StageContext) -> tuple[Path, Counter]:
+    """The folder of img2dataset shards to reshard, and what was dropped before it (download mode)."""
+    source = ctx.input_path(settings.source)
+    if settings.mode == "reshard":
+        return source, Counter()
+    subset = load_uid_subset(ctx.input_path(settings.uid_subset)) if settings.uid_subset else None
+    work = ctx.out_dir / DOWNLOAD_DIR
+    served = source if source.is_dir() else source.parent
+    with serve_folder(served) if settings.serve_local else nullcontext(None) as base_url:
+        rows, skipped = write_download_list(
+            source, work / "input.parquet", url_col=settings.url_col, caption_col=settings.caption_col,
+            uid_col=settings.uid_col, extra_columns=settings.extra_columns, subset=subset, base_url=base_url)
+        ctx.log.info("downloading %d images with img2dataset into %s", rows, work / "shards")
+        download(work / "input.parquet", work / "shards", rows, download_options(settings), settings.extra_columns)
+    return work / "shards", skipped
+
+
+def plan(settings: Settings, ctx: StageContext, folder: Path, skipped_before: Counter) -> ReshardPlan:
+    subset = None
+    if settings.mode == "reshard" and settings.uid_subset:
+        subset = load_uid_subset(ctx.input_path(settings.uid_subset))
+    image = ImageOptions(max_pixels=settings.max_pixels, quality=settings.quality)
+    return plan_reshard(folder, samples_per_shard=settings.samples_per_shard, filters=sample_filters(settings),
+                        image=image, source=settings.name, extra_fields=tuple(settings.extra_columns),
+                        subset=subset, skipped_before=skipped_before)
+
+
+def run_part(settings: Settings, ctx: StageContext, part: int, parts: int) -> None:
+    """One array task's share of a reshard: output shards ``i`` with ``i % parts == part``. A download runs
+    as one job (img2dataset spreads it over processes and threads itself), so its parts have nothing to do."""
+    if settings.mode == "download":
+        ctx.log.info("download mode: the stage's final job downloads and shards; part %d has nothing to do", part)
+        return
+    reshard = plan(settings, ctx, ctx.input_path(settings.source), Counter())
+    write_shards(ctx.out_dir / DATASET, reshard, range(part, reshard.num_shards, parts),
+                 default_workers(settings.workers), ctx.log, desc=f"{ctx.name} part {part}/{parts}")
+
+
+def run(settings: Settings, ctx: StageContext) -> dict:
+    if not ctx.is_main:
+        ctx.log.info("sharding runs on rank 0 with a process pool; rank %d has nothing to do", ctx.rank)
+        return {}
+    folder, skipped_before = fetch(settings, ctx)
+    reshard = plan(settings, ctx, folder, skipped_before)
+    directory = ctx.out_dir / DATASET
+    stats = build_shards(directory, reshard, default_workers(settings.workers), ctx.log, desc=ctx.name)
+    manifest = finish_dataset(directory, reshard, stats, name=settings.name, kind="captions", split=DATASET,
+                              config=asdict(settings))
+    atomic_write_json(ctx.out_dir / REPORT_FILE, {DATASET: dataset_report(manifest, reshard, stats)})
+    ctx.log.info("%d samples in %d shards, skipped %s, converted %s", manifest.num_samples, len(manifest.shards),
+                 manifest.skipped or "none", manifest.converted or "none")
+    if settings.mode == "download" and not settings.keep_download:
+        shutil.rmtree(ctx.out_dir / DOWNLOAD_DIR, ignore_errors=True)
+    return {DATASET: _relative(directory, ctx), f"{DATASET}_samples": manifest.num_samples,
+            "report": _relative(ctx.out_dir / REPORT_FILE, ctx)}
+
+
+def _relative(path: Path, ctx: StageContext) -> str:
+    return str(path.relative_to(ctx.run_dir))
