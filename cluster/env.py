@@ -33,10 +33,19 @@ def _first_host(nodelist: str) -> str:
     return nodelist[:bracket] + re.split(r"[,\-\]]", nodelist[bracket + 1:])[0]
 
 
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
+
+
+def _default_port(env: Mapping[str, str]) -> int:
+    """Jobs sharing a node must not share a rendezvous port: under Slurm the port follows the job id."""
+    job_id = env.get("SLURM_JOB_ID", "")
+    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN if job_id.isdigit() else 29500
+
+
 def rank_info_from_env(env: Mapping[str, str] | None = None) -> RankInfo:
     """torchrun's variables win, then Slurm's, else a single process."""
     env = os.environ if env is None else env
-    port = int(env.get("MASTER_PORT", "29500"))
+    port = int(env.get("MASTER_PORT") or _default_port(env))
     if "RANK" in env and "WORLD_SIZE" in env:
         return RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
                         env.get("MASTER_ADDR", "127.0.0.1"), port)

@@ -13,6 +13,7 @@ import sys
 from typing import Protocol
 
 from cluster.env import RankInfo
+from cluster.profile import ClusterProfile, ResolvedTorchrun
 from pipeline.config.schema import PipelineConfig, StageSpec
 from pipeline.logs import get_logger
 from pipeline.stage_exec import execute_stage
@@ -56,14 +57,44 @@ class LocalExecutor:
         return not any(codes)
 
 
+class TorchrunExecutor:
+    """One ``torchrun`` per stage on this machine; with several machines each runs the same ``kope run`` and
+    their torchrun agents meet at the c10d rendezvous (no ssh, no hostfile)."""
+
+    def __init__(self, settings: ResolvedTorchrun, run_name: str):
+        self.settings, self.run_name = settings, run_name
+
+    def command(self, config: PipelineConfig, spec: StageSpec) -> list[str]:
+        torchrun = self.settings
+        nproc = torchrun.nproc_per_node or spec.launch.nproc
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={torchrun.nnodes}",
+               f"--nproc_per_node={nproc}", "--max_restarts=0"]
+        if torchrun.rdzv_endpoint is None:
+            cmd.append("--standalone")
+        else:
+            rdzv_id = f"{torchrun.rdzv_id or self.run_name}-{spec.name}"
+            cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={torchrun.rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
+        return cmd + ["-m", "pipeline.stage_main", str(config.run_dir), spec.name]
+
+    def run(self, config: PipelineConfig, spec: StageSpec) -> bool:
+        code = subprocess.call(self.command(config, spec))
+        if code:
+            log.error("stage %s: torchrun exited with code %d", spec.name, code)
+        return code == 0
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def executor_for(config: PipelineConfig, spec: StageSpec) -> Executor:
-    name = spec.launch.executor or config.settings.executor
+def executor_for(config: PipelineConfig, spec: StageSpec, cluster: ClusterProfile | None = None) -> Executor:
+    """The profile given to ``kope run --cluster`` decides for every stage; else the stage's launch block,
+    else the pipeline's default."""
+    name = cluster.executor if cluster is not None else spec.launch.executor or config.settings.executor
     if name == "local":
         return LocalExecutor(spec.launch.nproc)
+    if name == "torchrun" and cluster is not None:
+        return TorchrunExecutor(cluster.torchrun_settings(), config.settings.name)
     return InlineExecutor()

@@ -1,4 +1,5 @@
-"""The ``kope`` command: run a pipeline, show a run's status, print a resolved config."""
+"""The ``kope`` command: run a pipeline (here or on a cluster), show a run's status, cancel its jobs, print a
+resolved config."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import KopeError
+from pipeline.errors import ConfigError, KopeError
 from pipeline.logs import setup_console
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from cluster.profile import load_profile
     from pipeline.config.loader import load_pipeline
     from pipeline.runner import Selection, run_pipeline
 
@@ -20,8 +22,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
     config = load_pipeline(args.pipeline, overrides)
+    cluster = load_profile(args.cluster) if args.cluster else None
+    if args.wait and (cluster is None or cluster.executor != "slurm"):
+        raise ConfigError("--wait follows Slurm jobs: it needs a --cluster profile with executor: slurm",
+                          file="<command line>")
     summary = run_pipeline(config, Selection(only=args.only or [], start=args.start, until=args.until,
-                                             force=args.force or []))
+                                             force=args.force or []), cluster)
+    if summary.submitted:
+        jobs = ", ".join(f"{name}={job}" for name, job in summary.submitted.items())
+        print(f"run directory: {config.run_dir}  submitted: {jobs}  skipped (done): "
+              f"{', '.join(summary.skipped) or '-'}")
+        if args.wait:
+            from cluster.slurm_watch import follow_run
+
+            follow_run(config.run_dir, list(summary.submitted), interval_s=args.poll_s)
+        else:
+            print(f"follow with: kope status {config.run_dir}")
+        return 0
     print(f"run directory: {config.run_dir}  ran: {', '.join(summary.ran) or '-'}  "
           f"skipped (done): {', '.join(summary.skipped) or '-'}")
     return 0
@@ -31,6 +48,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from pipeline.status import format_status
 
     print(format_status(Path(args.run_dir)))
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from cluster.slurm_runs import cancel_run
+
+    cancelled = cancel_run(Path(args.run_dir))
+    if cancelled:
+        print("cancelled: " + ", ".join(f"{name} (job {' '.join(jobs)})" for name, jobs in cancelled.items()))
+    else:
+        print("nothing queued or running")
     return 0
 
 
@@ -58,12 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", metavar="STAGE", help="run this stage and what it depends on")
     run.add_argument("--force", action="append", metavar="STAGE",
                      help="re-run this stage (and its dependents) even if done (repeatable)")
+    run.add_argument("--cluster", metavar="PROFILE",
+                     help="where stages run: a profile in configs/cluster/ (local, slurm-example, ...) or a YAML "
+                          "path; Slurm profiles submit every pending stage as a job and return")
+    run.add_argument("--wait", action="store_true", help="with a Slurm profile: follow the jobs until they end")
+    run.add_argument("--poll-s", type=float, default=10.0, metavar="SECONDS",
+                     help="with --wait: seconds between status refreshes (default 10)")
     run.set_defaults(func=_cmd_run)
 
     status = sub.add_parser("status", help="show the state of every stage of a run",
-                            description="A table of stages: status, duration, key outputs, error line.")
+                            description="A table of stages: status, duration, key outputs, error line; for "
+                                        "stages submitted to Slurm also the job, its Slurm state and log.")
     status.add_argument("run_dir", help="run directory")
     status.set_defaults(func=_cmd_status)
+
+    cancel = sub.add_parser("cancel", help="cancel a run's queued and running Slurm jobs",
+                            description="Cancel every queued or running Slurm job of the run and wait until "
+                                        "Slurm has ended them; `kope run` again resumes.")
+    cancel.add_argument("run_dir", help="run directory")
+    cancel.set_defaults(func=_cmd_cancel)
 
     config = sub.add_parser("config", help="print the fully resolved config",
                             description="Load the pipeline with its includes and overrides, validate it "

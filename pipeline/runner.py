@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from cluster.executors import executor_for
+from cluster.profile import ClusterProfile
+from cluster.slurm_runs import SLURM_KEY, reconcile, refuse_if_active
 from pipeline.config.schema import PipelineConfig
 from pipeline.errors import ConfigError, StageFailed, StaleStageError
 from pipeline.fsutil import atomic_write_text
@@ -42,6 +44,7 @@ class RunSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
+    submitted: dict[str, str] = field(default_factory=dict)  # stage -> Slurm job id
 
 
 def _needs(config: PipelineConfig) -> dict[str, list[str]]:
@@ -122,24 +125,55 @@ def plan_run(config: PipelineConfig, run_state: RunState, selection: Selection) 
     return to_run, skip
 
 
-def run_pipeline(config: PipelineConfig, selection: Selection | None = None) -> RunSummary:
-    """Run every selected stage that is not done; raise StageFailed if any stage failed."""
+def _prepare_run(config: PipelineConfig, run_state: RunState, selection: Selection) -> tuple[list[str], list[str]]:
+    """Plan the run, then write the resolved config and a state file for every new stage (holding the lock)."""
+    to_run, skipped = plan_run(config, run_state, selection)
+    atomic_write_text(config.run_dir / RESOLVED_CONFIG, yaml.safe_dump(config.resolved(), sort_keys=False))
+    for name, spec in config.stages.items():
+        if run_state.read(name) is None:
+            run_state.write(StageState(name, spec.kind))
+    for name in skipped:
+        log.info("stage %s: done, skipped", name)
+    return to_run, skipped
+
+
+def run_pipeline(config: PipelineConfig, selection: Selection | None = None,
+                 cluster: ClusterProfile | None = None) -> RunSummary:
+    """Run every selected stage that is not done; raise StageFailed if any stage failed.
+
+    With a Slurm profile the stages are submitted as jobs and this returns at once (``summary.submitted``).
+    Under torchrun on several machines every machine runs this; the one with node rank 0 leads (holds the
+    lock, writes the resolved config and records failures), the others start their share of each stage.
+    """
     selection = selection or Selection()
     run_dir = config.run_dir
     run_state = RunState(run_dir)
+    if cluster is not None and cluster.executor == "torchrun" and not cluster.torchrun_settings().leads:
+        to_run, skipped = plan_run(config, run_state, selection)
+        summary = RunSummary(skipped=skipped)
+        _run_stages(config, run_state, to_run, summary, cluster, leader=False)
+        return _finish(run_state, summary)
     with RunLock(run_dir) as lock, log_to_file(run_state.log_dir / "kope.log"):
         if lock.stale_holder:
             log.warning("previous run (pid %s on %s) ended without releasing the lock; taking over",
                         lock.stale_holder.get("pid"), lock.stale_holder.get("host"))
-        to_run, skipped = plan_run(config, run_state, selection)
-        atomic_write_text(run_dir / RESOLVED_CONFIG, yaml.safe_dump(config.resolved(), sort_keys=False))
-        for name, spec in config.stages.items():
-            if run_state.read(name) is None:
-                run_state.write(StageState(name, spec.kind))
+        on_slurm = cluster is not None and cluster.executor == "slurm"
+        if any(state and state.extra.get(SLURM_KEY) for state in map(run_state.read, config.stages)):
+            reconcile(run_state)
+            if not on_slurm:
+                refuse_if_active(run_state, list(config.stages))
+        to_run, skipped = _prepare_run(config, run_state, selection)
         summary = RunSummary(skipped=skipped)
-        for name in skipped:
-            log.info("stage %s: done, skipped", name)
-        _run_stages(config, run_state, to_run, summary)
+        if on_slurm:
+            from cluster.slurm_submit import submit_stages
+
+            summary.submitted = submit_stages(config, run_state, to_run, cluster)
+            return summary
+        _run_stages(config, run_state, to_run, summary, cluster)
+    return _finish(run_state, summary)
+
+
+def _finish(run_state: RunState, summary: RunSummary) -> RunSummary:
     if summary.failed:
         details = "; ".join(f"{name}: {(run_state.read(name) or StageState(name, '')).error}"
                             for name in summary.failed)
@@ -148,7 +182,8 @@ def run_pipeline(config: PipelineConfig, selection: Selection | None = None) -> 
     return summary
 
 
-def _run_stages(config: PipelineConfig, run_state: RunState, to_run: Iterable[str], summary: RunSummary) -> None:
+def _run_stages(config: PipelineConfig, run_state: RunState, to_run: Iterable[str], summary: RunSummary,
+                cluster: ClusterProfile | None = None, leader: bool = True) -> None:
     for name in to_run:
         spec = config.stages[name]
         bad_deps = [dep for dep in spec.needs if dep in summary.failed or dep in summary.blocked]
@@ -157,12 +192,12 @@ def _run_stages(config: PipelineConfig, run_state: RunState, to_run: Iterable[st
             log.warning("stage %s: not started, because %s did not finish", name, ", ".join(bad_deps))
             continue
         log.info("stage %s: running (%s)", name, spec.kind)
-        ok = executor_for(config, spec).run(config, spec)
+        ok = executor_for(config, spec, cluster).run(config, spec)
         state = run_state.read(name)
         if ok and state is not None and state.status == "done":
             summary.ran.append(name)
             continue
-        if state is not None and state.status == "running":
+        if leader and state is not None and state.status == "running":
             state.error = "stage processes ended without reporting a result (killed?)"
             state.mark_finished("failed")
             run_state.write(state)

@@ -1,4 +1,10 @@
-"""``kope status``: one line per stage, read from the run directory's state files."""
+"""``kope status``: one line per stage, read from the run directory's state files.
+
+Stages submitted to Slurm also show their job, its Slurm state and the job log; a stage whose job ended
+without the stage recording a result shows as failed with Slurm's reason, one whose job was requeued (time
+limit, preemption) as requeued, and a pending stage that can no longer start because a parent failed as
+blocked.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +18,13 @@ from pipeline.run_state import RunState, StageState
 MAX_OUTPUTS_WIDTH = 60
 
 
-def _stage_order(run_dir: Path, run_state: RunState) -> list[str]:
+def _declared(run_dir: Path) -> dict[str, list[str]]:
+    """stage -> needs, in the order of the resolved config (empty if there is none)."""
     config_path = run_dir / "config.yaml"
-    names = run_state.stage_names()
-    if config_path.exists():
-        declared = list((yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}).get("stages", {}))
-        return [name for name in declared if name in names] + [name for name in names if name not in declared]
-    return names
+    if not config_path.exists():
+        return {}
+    stages = (yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}).get("stages", {})
+    return {name: list(block.get("needs", [])) for name, block in stages.items()}
 
 
 def _outputs_summary(state: StageState) -> str:
@@ -27,20 +33,46 @@ def _outputs_summary(state: StageState) -> str:
     return text if len(text) <= MAX_OUTPUTS_WIDTH else text[: MAX_OUTPUTS_WIDTH - 1] + "…"
 
 
+def _slurm_views(run_state: RunState, states: dict[str, StageState]) -> dict:
+    if not any(state.extra.get("slurm") for state in states.values()):
+        return {}
+    from cluster.slurm_runs import slurm_views
+
+    return slurm_views(run_state)
+
+
 def format_status(run_dir: Path) -> str:
+    run_dir = Path(run_dir)
     run_state = RunState(run_dir)
     if not run_state.state_dir.is_dir():
         raise KopeError(f"{run_dir}: not a run directory (no state/ folder)")
-    rows = [("STAGE", "STATUS", "DURATION", "OUTPUTS")]
-    errors = []
-    for name in _stage_order(run_dir, run_state):
-        state = run_state.read(name)
-        if state is None:
-            continue
+    needs = _declared(run_dir)
+    names = run_state.stage_names()
+    order = [name for name in needs if name in names] + [name for name in names if name not in needs]
+    states = {name: state for name in order if (state := run_state.read(name)) is not None}
+    views = _slurm_views(run_state, states)
+    header = ("STAGE", "STATUS", "DURATION") + (("SLURM JOB", "SLURM STATE", "LOG") if views else ())
+    rows, errors, shown = [header], [], {}
+    for name, state in states.items():
+        view = views.get(name)
+        status, error = state.status, state.error if state.status == "failed" else None
+        if view and view.problem:
+            status, error = "failed", view.problem
+        elif view and view.waiting_again:
+            status, error = "requeued", f"requeued after: {state.error}" if state.status == "failed" else None
+        bad_parents = [dep for dep in needs.get(name, []) if shown.get(dep) in ("failed", "blocked")]
+        if status == "pending" and bad_parents and not (view and view.active):
+            status, error = "blocked", f"not started: needs {', '.join(bad_parents)}, which did not finish"
+        shown[name] = status
         duration = f"{state.duration_s:.1f}s" if state.duration_s is not None else "-"
-        rows.append((name, state.status, duration, _outputs_summary(state) or "-"))
-        if state.status == "failed":
-            errors.append(f"{name}: {state.error} (see {state.traceback})")
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+        row = (name, status, duration)
+        if views:
+            row += (view.job, view.state, view.log) if view else ("-", "-", "-")
+        rows.append(row + (_outputs_summary(state) or "-",))
+        if error:
+            where = f" (see {state.traceback})" if state.traceback and status == "failed" else ""
+            errors.append(f"{name}: {error}{where}")
+    rows[0] += ("OUTPUTS",)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
     return "\n".join(lines + [f"error: {line}" for line in errors])

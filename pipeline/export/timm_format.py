@@ -1,0 +1,68 @@
+"""A timm model folder: ``config.json`` (architecture, model arguments, preprocessing) + ``model.safetensors``.
+
+The config is written by timm's own ``save_config_for_hf``, so it holds exactly what
+``timm.create_model("local-dir:PATH", pretrained=True)`` needs to rebuild the model with its arguments
+(KoPE switches, image size, classes) and the evaluation transform it was trained for.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temporary name, then rename); tensors are made contiguous."""
+    path = Path(path)
+    tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_timm_folder(
+    model: nn.Module,
+    out_dir: Path,
+    *,
+    data_config: dict[str, Any] | None = None,
+    label_names: list[str] | None = None,
+    label_descriptions: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write ``model`` (a timm model built by ``timm.create_model``) as ``config.json`` + ``model.safetensors``.
+
+    ``data_config`` (``mean``, ``std``, ``crop_pct``, ``interpolation``, ``input_size``) overrides the
+    preprocessing recorded for the weights; label names and descriptions go into timm's label fields.
+    """
+    from timm.models._hub import save_config_for_hf
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Any] = {}
+    if label_names:
+        extra["label_names"] = list(label_names)
+    if label_descriptions:
+        extra["label_descriptions"] = dict(label_descriptions)
+    save_safetensors(model.state_dict(), out_dir / WEIGHTS_FILE)
+    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILE}.", suffix=".tmp", dir=out_dir)
+    os.close(fd)
+    try:
+        save_config_for_hf(model, tmp, model_config=extra, data_config=data_config)
+        os.replace(tmp, out_dir / CONFIG_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return [out_dir / CONFIG_FILE, out_dir / WEIGHTS_FILE]

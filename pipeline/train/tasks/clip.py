@@ -1,0 +1,164 @@
+"""CLIP training: an open_clip model with a KoPE vision tower, open_clip's contrastive loss across ranks.
+
+The whole model (both towers and the learnable logit scale) is the module DeepSpeed wraps, so every ZeRO
+stage 0–3 works. Features are gathered from all ranks *with* their gradients (open_clip's
+``gather_with_grad``), so the loss is that of the global batch. With ``local_loss`` (default, as open_clip
+recommends at scale) each rank scores only its own rows against all gathered features: the rank losses
+average to the global loss, with B×(world·B) instead of (world·B)² logits per rank.
+
+The logit scale (the inverse temperature, stored as its log) is clamped to at most ``max_logit_scale`` after
+every optimizer step, as open_clip does; here the clamp reaches DeepSpeed's fp32 master copy and ZeRO
+partitions too, so the next step starts from the clamped value.
+
+No state lives outside the engine, so ``state_dict`` is empty.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.config.types import setting
+from pipeline.data.loaders import LoaderSettings, ResumableLoader
+from pipeline.data.loaders_samples import clip_samples
+from pipeline.data.transforms import ClipAugSettings
+from pipeline.models.clip import register_open_clip_configs
+from pipeline.train.engine import forward_precision, gathered_parameters
+from pipeline.train.metrics import kope_metrics
+from pipeline.train.scalar_params import restore_scalars, vectorize_scalar_parameters_
+
+PROBE_IMAGES = 8
+
+
+@dataclass
+class ClipSettings:
+    """The contrastive objective; the model's image size and context length come from its open_clip config."""
+
+    local_loss: bool = setting(True, help="each rank scores its own rows against all ranks' features "
+                                          "(same gradient, less memory); false: every rank the full matrix")
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    max_logit_scale: float = setting(100.0, gt=1, help="upper clamp of the learnt logit scale (1/temperature)")
+
+
+@torch.no_grad()
+def clamp_trained_parameter_(param: nn.Parameter, low: float, high: float) -> None:
+    """Clamp a parameter in place everywhere DeepSpeed keeps it: the fp32 master copy (stages 1–3, bf16)
+    and the working copy the next forward reads (the module tensor, or its ZeRO-3 partition).
+
+    Call on every rank: reading the master copy is a collective under ZeRO.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    master = safe_get_full_fp32_param(param)
+    if master is not None:
+        safe_set_full_fp32_param(param, master.clamp(low, high))
+    working = param.ds_tensor if hasattr(param, "ds_tensor") else param
+    working.data.clamp_(low, high)
+
+
+class ClipTask:
+    """The ``clip`` mode of the engine (see :class:`pipeline.train.task.Task`)."""
+
+    name = "clip"
+
+    def __init__(self, settings: ClipSettings, *, model: str, model_kwargs: Mapping[str, Any],
+                 data_dir: str | Path, loader: LoaderSettings, seed: int, total_steps: int, zero_stage: int):
+        """``total_steps`` and ``zero_stage`` are part of the task contract; CLIP needs neither (every stage
+        works)."""
+        self.settings = settings
+        self.model = model
+        self.model_kwargs = dict(model_kwargs)
+        self.data_dir = Path(data_dir)
+        self.loader_settings = loader
+        self.seed = seed
+        self._loss: nn.Module | None = None
+        self._probe: torch.Tensor | None = None
+        self.scalar_names: set[str] = set()
+
+    def model_spec(self) -> dict[str, Any]:
+        return {"library": "open_clip", "name": self.model, "kwargs": dict(self.model_kwargs)}
+
+    def build_module(self) -> nn.Module:
+        import open_clip
+
+        register_open_clip_configs()
+        model = open_clip.create_model(self.model, output_dict=True, **self.model_kwargs)
+        self.scalar_names = vectorize_scalar_parameters_(model)
+        return model
+
+    def aug_settings(self) -> ClipAugSettings:
+        """open_clip's transform and tokenizer at the model config's image size and context length."""
+        import open_clip
+
+        register_open_clip_configs()
+        config = open_clip.get_model_config(self.model)
+        if config is None:
+            raise ValueError(f"unknown open_clip model config {self.model!r}")
+        size = config["vision_cfg"]["image_size"]
+        return ClipAugSettings(
+            image_size=size if isinstance(size, int) else size[0],
+            scale=tuple(self.settings.crop_scale),
+            tokenizer=self.model,
+            context_length=config.get("text_cfg", {}).get("context_length", 77),
+        )
+
+    def build_loader(self, rank: int, world_size: int) -> ResumableLoader:
+        samples = clip_samples(self.aug_settings(), train=True, draft_size=self.loader_settings.draft_size)
+        return ResumableLoader(self.data_dir, samples, self.loader_settings, seed=self.seed, rank=rank,
+                               world_size=world_size)
+
+    @property
+    def loss(self) -> nn.Module:
+        """open_clip's ``ClipLoss`` over the default process group (made on first use, when it exists)."""
+        if self._loss is None:
+            from open_clip.loss import ClipLoss
+
+            distributed = dist.is_available() and dist.is_initialized()
+            self._loss = ClipLoss(
+                local_loss=self.settings.local_loss,
+                gather_with_grad=True,
+                cache_labels=True,
+                rank=dist.get_rank() if distributed else 0,
+                world_size=dist.get_world_size() if distributed else 1,
+            )
+        return self._loss
+
+    def compute_loss(self, engine: Any, batch: Mapping[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        with forward_precision(engine) as dtype:
+            images = batch["image"].to(engine.device, dtype)
+            out = engine(images, batch["text"].to(engine.device))
+        self._probe = images[:PROBE_IMAGES].detach()
+        logit_scale = out["logit_scale"].float()
+        loss = self.loss(out["image_features"].float(), out["text_features"].float(), logit_scale)
+        return loss, {"logit_scale": float(logit_scale.detach().reshape(-1)[0])}
+
+    def after_optimizer_step(self, engine: Any, step: int) -> None:
+        clamp_trained_parameter_(engine.module.logit_scale, 0.0, math.log(self.settings.max_logit_scale))
+
+    def extra_metrics(self, engine: Any) -> dict[str, float]:
+        """The vision tower's γ and phase synchrony on a few of the last images."""
+        trunk = getattr(engine.module.visual, "trunk", None)
+        if self._probe is None or trunk is None:
+            return {}
+        with gathered_parameters(engine), forward_precision(engine):
+            return kope_metrics(trunk, self._probe)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"the clip task keeps no state, got keys {sorted(state)}")
+
+    def parameters_for_export(self, engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        """The whole open_clip model's state dict: it loads into ``open_clip.create_model(name)``."""
+        named = ((name, tensor.detach().float() if tensor.is_floating_point() else tensor.detach())
+                 for name, tensor in engine.module.state_dict().items())
+        return restore_scalars(named, self.scalar_names)

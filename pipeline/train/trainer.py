@@ -1,0 +1,241 @@
+"""The training loop shared by every mode: resume, steps with gradient accumulation, schedules, faults,
+logging and checkpoints.
+
+Step numbers count completed optimizer steps: checkpoint ``step_00000200`` holds the state after 200
+steps, TensorBoard's x-axis is the same count, and a resumed run continues with step 201. A resumed run
+sees the same micro-batches (the loader seeks to ``(epoch, samples consumed)``), the same learning rates
+(schedules are functions of the step) and the same random draws (every rank's generators are restored)
+as an uninterrupted one, so on CPU with fixed thread counts its weights are bitwise the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.fsutil import canonical_json, sha256_text
+from pipeline.train import rng
+from pipeline.train.checkpoint import Checkpointer, CheckpointError, code_version
+from pipeline.train.engine import BatchPlan, set_schedule
+from pipeline.train.faults import NonFiniteCounter, Preempted, StopRequest, poison_if_nonfinite
+from pipeline.train.metrics import MeanWindow, Throughput, count_flops, peak_flops
+from pipeline.train.schedules import StepSchedule
+from pipeline.train.task import Task
+from pipeline.train.tensorboard import ScalarLog
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    total_steps: int
+    checkpoint_every: int
+    log_every: int
+    max_nonfinite_in_a_row: int
+    seed: int
+
+
+def _micro_batches(loader: Any) -> Iterator[Any]:
+    """The loader's batches epoch after epoch (it moves to the next epoch when one is exhausted)."""
+    while True:
+        yield from loader
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that differs."""
+    before, after = _flatten(old), _flatten(new)
+    return [f"{key}: {before.get(key, '<unset>')!r} -> {after.get(key, '<unset>')!r}"
+            for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+
+
+class Trainer:
+    """Runs ``task`` on ``engine`` from the latest checkpoint (or step 0) to ``settings.total_steps``."""
+
+    def __init__(self, task: Task, engine: Any, loader: Any, plan: BatchPlan, schedule: StepSchedule,
+                 checkpointer: Checkpointer, settings: LoopSettings, config: dict[str, Any],
+                 scalars: ScalarLog, log: logging.Logger, rank: int):
+        self.task = task
+        self.engine = engine
+        self.loader = loader
+        self.plan = plan
+        self.schedule = schedule
+        self.checkpointer = checkpointer
+        self.settings = settings
+        self.config = config
+        self.config_hash = sha256_text(canonical_json(config))
+        self.code_version = code_version()
+        self.scalars = scalars
+        self.log = log
+        self.rank = rank
+        self.step = 0
+        self.nonfinite = NonFiniteCounter(settings.max_nonfinite_in_a_row)
+        self.stop = StopRequest()
+        self.throughput = Throughput()
+        self.peak = peak_flops(engine.device)
+        self.flops_per_sample: float | None = None
+        self.window = MeanWindow(engine.device)
+        self._rng_state: dict[str, Any] | None = None
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+
+    # --- resume -------------------------------------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Load the latest checkpoint if there is one; returns the step training continues after."""
+        tag = self.checkpointer.latest()
+        if tag is None:
+            rng.seed_all(_rank_seed(self.settings.seed, self.rank, 0))
+            return 0
+        meta = self.checkpointer.check_resumable(tag, self.engine.zero_optimization_stage())
+        if meta.get("config_hash") != self.config_hash:
+            changes = "; ".join(changed_settings(meta.get("config", {}), self.config)) or "unknown"
+            raise CheckpointError(f"{self.checkpointer.directory / tag}: written with other settings ({changes}); "
+                                  "restore them, or delete the checkpoints folder to start over")
+        if meta["world_size"] != self.plan.world_size:
+            self.log.warning("resuming %s, written by %d ranks, on %d: the sample stream continues where it stopped, "
+                             "but not bit for bit", tag, meta["world_size"], self.plan.world_size)
+        client, rng_state = self.checkpointer.load(self.engine, tag)
+        self.loader.load_state_dict(client["loader"])
+        self.task.load_state_dict(client["task"])
+        self.nonfinite.load_state_dict(client["faults"])
+        self.first_loss = client.get("first_loss")
+        self.window.load_totals(client.get("log_window", {}), keep=self.rank == 0)
+        self.step = int(client["step"])
+        if client.get("code_version") != self.code_version:
+            self.log.warning("resuming a checkpoint written by %s with %s", client.get("code_version"),
+                             self.code_version)
+        if rng_state is None:
+            self.log.warning("rank %d has no generator state in %s (another rank count): drawing fresh ones, so "
+                             "this run will not repeat the original bit for bit", self.rank, tag)
+            rng.seed_all(_rank_seed(self.settings.seed, self.rank, self.step))
+        else:
+            self._rng_state = rng_state
+        if self.rank == 0:
+            self.log.info("resumed from %s (step %d, epoch %d, %d samples into it)", tag, self.step,
+                          self.loader.epoch, self.loader.samples_consumed)
+        return self.step
+
+    # --- the loop -----------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train to the last step; raises Preempted (after saving) on SIGTERM/SIGUSR1."""
+        total = self.settings.total_steps
+        batches = _micro_batches(self.loader)
+        saved = self.step if self.checkpointer.latest() else -1
+        if self._rng_state is not None:
+            rng.restore(self._rng_state)
+        with self.stop.installed():
+            while self.step < total:
+                self._train_step(batches)
+                if self.step % self.settings.log_every == 0 or self.step == total:
+                    with rng.isolated():
+                        self._report()
+                stopping = self.stop.agreed(self.engine.device)
+                if self.step % self.settings.checkpoint_every == 0 or self.step == total or stopping:
+                    self.save()
+                    saved = self.step
+                if stopping:
+                    raise Preempted(f"{stopping} received: saved a checkpoint at step {self.step}; run the stage "
+                                    "again to resume")
+        if saved != self.step:
+            self.save()
+        self.scalars.flush()
+        summary = {"steps": self.step, "samples_seen": self.step * self.plan.global_batch,
+                   "skipped_steps": self.nonfinite.total}
+        losses = {"first_loss": self.first_loss, "last_loss": self.last_loss}
+        return summary | {name: value for name, value in losses.items() if value is not None}
+
+    def _train_step(self, batches: Iterator[Any]) -> None:
+        engine, step = self.engine, self.step
+        set_schedule(engine.optimizer, self.schedule.lr(step), self.schedule.weight_decay_at(step))
+        started = time.perf_counter()
+        data_s = 0.0
+        skipped_before = engine.skipped_steps
+        for _ in range(self.plan.accumulation):
+            fetch = time.perf_counter()
+            with rng.isolated():
+                batch = next(batches)
+            data_s += time.perf_counter() - fetch
+            if self.flops_per_sample is None and self.peak:
+                flops = count_flops(lambda batch=batch: self._forward_backward(batch, step))
+                self.flops_per_sample = flops / self.plan.per_rank
+            else:
+                self._forward_backward(batch, step)
+            engine.step()
+        skipped = engine.skipped_steps > skipped_before
+        if not skipped:
+            self.task.after_optimizer_step(engine, step)
+        self.step = step + 1
+        self.throughput.add(self.plan.global_batch, time.perf_counter() - started, data_s)
+        self.nonfinite.record(self.step, skipped)
+
+    def _forward_backward(self, batch: Any, step: int) -> None:
+        loss, metrics = self.task.compute_loss(self.engine, batch, step)
+        self.engine.backward(poison_if_nonfinite(loss))
+        self.window.add(loss, metrics)
+
+    # --- logging and saving -------------------------------------------------------------------------------
+
+    def _report(self) -> None:
+        engine = self.engine
+        means = self.window.means()
+        if "loss" in means:
+            self.last_loss = means["loss"]
+            self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
+        norm = engine.get_global_grad_norm()
+        optim = {"lr": self.schedule.lr(self.step - 1), "weight_decay": self.schedule.weight_decay_at(self.step - 1),
+                 "skipped_steps": float(self.nonfinite.total)}
+        if norm is not None and math.isfinite(float(norm)):
+            optim["grad_norm"] = float(norm)
+        speed = self.throughput.report(self.flops_per_sample, self.peak, self.plan.world_size)
+        extra = self.task.extra_metrics(engine)
+        epoch = self.loader.epoch + self.loader.samples_consumed / max(self.loader.epoch_length, 1)
+        self.scalars.write(self.step, means, "train/")
+        self.scalars.write(self.step, optim, "opt/")
+        self.scalars.write(self.step, {**speed, "epoch": epoch}, "perf/")
+        self.scalars.write(self.step, extra, "model/")
+        if self.rank == 0:
+            total = self.settings.total_steps
+            eta_s = speed["step_s"] * (total - self.step)
+            loss = f"loss {means['loss']:.4f} | " if "loss" in means else ""
+            mfu = f" | MFU {speed['mfu']:.1%}" if "mfu" in speed else ""
+            self.log.info("step %d/%d (%.0f%%) | epoch %.2f | %slr %.3g | %.1f img/s | step %.3fs (data %.3fs)%s | "
+                          "eta %s", self.step, total, 100 * self.step / total, epoch, loss, optim["lr"],
+                          speed["img_per_s"], speed["step_s"], speed["data_wait_s"], mfu, _duration(eta_s))
+
+    def save(self) -> None:
+        client = {
+            "step": self.step, "samples_seen": self.step * self.plan.global_batch, "loader": self.loader.state_dict(),
+            "task": self.task.state_dict(), "faults": self.nonfinite.state_dict(), "config_hash": self.config_hash,
+            "code_version": self.code_version, "batch_plan": asdict(self.plan), "first_loss": self.first_loss,
+            "log_window": self.window.totals(),
+        }
+        meta = {"config": self.config, "config_hash": self.config_hash}
+        with rng.isolated():
+            state = rng.capture()
+            tag = self.checkpointer.save(self.engine, self.step, client, state, meta)
+        if self.rank == 0:
+            self.log.info("checkpoint %s saved", tag)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

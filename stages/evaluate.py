@@ -1,0 +1,53 @@
+"""Stage ``evaluate``: top-1/top-5, k-NN, linear probes, zero-shot and KoPE analysis of an exported model.
+
+``model`` is an export folder (``@export`` or ``@finetune/export``), loaded with timm's or open_clip's own
+call; ``val`` a sharded classification set (``train`` too for k-NN and linear probes; ``extra_val`` names
+more evaluation sets, e.g. ImageNet-V2). Every protocol's result is appended to ``<run>/results.jsonl``; a
+protocol already recorded there for the same weights (sha256), settings and data is not run again, so an
+interrupted or forced evaluation resumes. The stage's outputs are the headline numbers ``kope status``
+shows: ``top1``, ``knn_top1``, ``linear_top1``, ``zeroshot_top1``, ``synchrony`` (prefixed by the set name for
+``extra_val``). One process does the work; other ranks return at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config.types import InputPath, setting
+from pipeline.evaluation.exported import load_export, pick_device
+from pipeline.evaluation.results import RESULTS_FILE, ResultsLog
+from pipeline.evaluation.runner import EvalData, EvalSettings, evaluate
+from pipeline.stage import StageContext
+
+
+@dataclass(kw_only=True)
+class Settings(EvalSettings):
+    model: InputPath = setting(help="an export folder, e.g. '@export' or '@finetune/export'")
+    val: InputPath = setting(help="sharded classification set to evaluate on, e.g. '@shard_imagenet/val'")
+    train: InputPath | None = setting(None, help="sharded training set for k-NN and linear probes")
+    extra_val: dict[str, InputPath] = setting(default_factory=dict,
+                                              help="more evaluation sets by name, e.g. {v2: '@shard_v2/val'}")
+
+
+def run(settings: Settings, ctx: StageContext) -> dict[str, Any]:
+    if not ctx.is_main:
+        return {}
+    model = load_export(ctx.input_path(settings.model), pick_device(settings.device))
+    eval_settings = settings
+    if settings.zeroshot.classnames:
+        zeroshot = dataclasses.replace(settings.zeroshot, classnames=str(ctx.input_path(settings.zeroshot.classnames)))
+        eval_settings = dataclasses.replace(settings, zeroshot=zeroshot)
+    results = ResultsLog(ctx.run_dir / RESULTS_FILE)
+    train = ctx.input_path(settings.train) if settings.train else None
+    record = {"stage": ctx.name, "model": str(model.path.relative_to(ctx.run_dir)) if model.path.is_relative_to(
+        ctx.run_dir) else str(model.path)}
+    sets = {"val": settings.val, **settings.extra_val}
+    outputs: dict[str, Any] = {}
+    for name, path in sets.items():
+        data = EvalData(val=ctx.input_path(path), train=train, val_name=name)
+        out_dir = ctx.out_dir if name == "val" else ctx.out_dir / name
+        headline = evaluate(model, data, eval_settings, results, out_dir, seed=ctx.seed, record=record)
+        outputs.update({key if name == "val" else f"{name}_{key}": value for key, value in headline.items()})
+    return {key: round(value, 4) for key, value in outputs.items()}

@@ -1,0 +1,1 @@
+"""Stage kinds for the cluster tests (``kind: tests.cluster.stages.<name>``)."""

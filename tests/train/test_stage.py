@@ -1,0 +1,82 @@
+"""The ``pretrain`` stage in this process (one rank): outputs, TensorBoard, retention, settings checks on resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import pipeline.models  # noqa: F401  (registers vit_kope_*)
+from pipeline.data.loaders import LoaderSettings
+from pipeline.train.checkpoint import CheckpointError
+from pipeline.train.engine import BatchPlan
+from pipeline.train.tasks.supervised import SupervisedSettings, SupervisedTask
+from stages.pretrain import total_steps
+from tests.train.helpers import exported_weights, pretrain_block, rewind_to_checkpoint, run_stage_here, stage_settings
+
+
+def test_outputs_tensorboard_and_exported_model(shards, tmp_path, one_rank):
+    block = pretrain_block(str(shards["train"]), steps=4, checkpoint={"every_steps": 1, "keep": 2},
+                           supervised={"ema_decay": 0.9, "aug": {"image_size": 64}, "val_data": str(shards["val"])})
+    outputs = run_stage_here(block, tmp_path)
+    assert outputs["steps"] == 4 and outputs["samples_seen"] == 64 and outputs["val_samples"] == 90
+    assert 0 <= outputs["val_top1"] <= outputs["val_top5"] <= 100
+    out = tmp_path / "pretrain"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000004"]
+
+    spec = json.loads((out / "model.json").read_text())
+    assert (spec["library"], spec["mode"], spec["checkpoint"]) == ("timm", "supervised", "checkpoints/step_00000004")
+    model = timm.create_model(spec["name"], **spec["kwargs"])
+    model.load_state_dict(exported_weights(tmp_path))
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 90)
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "opt/lr", "opt/weight_decay", "opt/grad_norm", "opt/skipped_steps", "perf/img_per_s",
+            "perf/step_s", "perf/data_wait_s", "perf/epoch", "model/gamma", "model/phase_synchrony",
+            "eval/val_top1"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+    # the lr of the step just taken: warm-up step 1 of 2 from 1e-6 to 1e-3, then cosine step 1 of 2 to 1e-5
+    assert [e.value for e in events.Scalars("opt/lr")] == pytest.approx([5.005e-4, 5.05e-4], rel=1e-5)
+    assert [e.value for e in events.Scalars("model/gamma")] == pytest.approx([0.05, 0.05])
+    assert all(0 < e.value <= 1 for e in events.Scalars("model/phase_synchrony"))
+    assert all(e.value > 0 for e in events.Scalars("perf/img_per_s"))
+
+
+def test_resume_refuses_changed_training_settings_and_accepts_changed_checkpointing(shards, tmp_path, one_rank):
+    block = pretrain_block(str(shards["train"]), steps=4)
+    run_stage_here(block, tmp_path)
+    rewind_to_checkpoint(tmp_path, 2)
+    changed = {**block, "optim": {**block["optim"], "lr": 2e-3}}
+    with pytest.raises(CheckpointError, match=r"written with other settings \(optim.lr: 0.001 -> 0.002\)"):
+        run_stage_here(changed, tmp_path)
+    outputs = run_stage_here({**block, "checkpoint": {"every_steps": 3, "keep": 1}, "log_every_steps": 1}, tmp_path)
+    assert outputs["steps"] == 4
+
+
+def test_length_from_steps_epochs_or_samples():
+    plan = BatchPlan.derive(global_batch=16, per_rank=4, world_size=2)
+    data = "/"
+    assert total_steps(stage_settings({"data": data, "steps": 7}), plan, steps_per_epoch=10) == 7
+    assert total_steps(stage_settings({"data": data, "epochs": 3}), plan, steps_per_epoch=10) == 15
+    assert total_steps(stage_settings({"data": data, "samples": 100}), plan, steps_per_epoch=10) == 6
+    with pytest.raises(ValueError, match=r"set exactly one of steps, epochs, samples \(got \['steps', 'epochs'\]\)"):
+        total_steps(stage_settings({"data": data, "steps": 7, "epochs": 1}), plan, steps_per_epoch=10)
+    with pytest.raises(ValueError, match="less than one optimizer step"):
+        total_steps(stage_settings({"data": data, "samples": 10}), plan, steps_per_epoch=10)
+
+
+def test_supervised_task_refuses_ema_under_zero3_and_odd_mixup_batches(shards):
+    common = {"model": "vit_kope_tiny_patch16_224", "model_kwargs": {}, "data_dir": shards["train"], "seed": 0,
+              "total_steps": 10}
+    with pytest.raises(ValueError, match="ema_decay > 0 needs zero_stage 0, 1 or 2"):
+        SupervisedTask(SupervisedSettings(), loader=LoaderSettings(batch_size=4), zero_stage=3, **common)
+    with pytest.raises(ValueError, match="loader.batch_size 3 must be even"):
+        SupervisedTask(SupervisedSettings(), loader=LoaderSettings(batch_size=3), zero_stage=0, **common)
+    task = SupervisedTask(SupervisedSettings(ema_decay=0.0), loader=LoaderSettings(batch_size=4), zero_stage=3,
+                          **common)
+    assert task.num_classes == 90 and task.model_spec()["kwargs"]["num_classes"] == 90
