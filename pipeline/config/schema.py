@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -49,7 +50,8 @@ class StageSpec:
     external_inputs: list[str] = field(default_factory=list)
 
     def settings_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.settings)
+        """Settings as plain JSON types (tuples become lists), so they compare equal to a stored state."""
+        return json.loads(canonical_json(dataclasses.asdict(self.settings)))
 
     def resolved(self) -> dict[str, Any]:
         """The stage block as it would be written back to YAML, defaults filled in."""

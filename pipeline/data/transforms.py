@@ -64,6 +64,8 @@ class SupervisedAugSettings:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = setting(0.5, ge=0, le=1, help="horizontal flip probability")
     three_augment: bool = setting(True, help="apply one of grayscale, solarize, Gaussian blur to every image")
+    auto_augment: str = setting("", help="a timm policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment); "
+                                         "overrides three_augment")
     color_jitter: float = setting(0.3, ge=0, help="brightness, contrast and saturation jitter (0: off)")
     interpolation: str = "bicubic"
     eval_crop_pct: float = setting(1.0, gt=0, le=1, help="evaluation centre crop as a fraction of the resize")
@@ -93,7 +95,7 @@ def supervised_train_transform(aug: SupervisedAugSettings) -> ImageTransform:
         ratio=tuple(aug.ratio),
         hflip=aug.hflip,
         color_jitter=aug.color_jitter or None,
-        auto_augment="3a" if aug.three_augment else None,
+        auto_augment=aug.auto_augment or ("3a" if aug.three_augment else None),
         interpolation=aug.interpolation,
         mean=tuple(aug.mean),
         std=tuple(aug.std),

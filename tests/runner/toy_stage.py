@@ -18,6 +18,7 @@ class Settings:
     fail: bool = False
     sleep_s: float = setting(0.0, ge=0)
     tags: list[str] = setting(default_factory=list)
+    window: tuple[float, float] = (0.5, 1.0)  # a tuple default must not look changed next to its stored list
 
 
 def run(settings: Settings, ctx: StageContext) -> dict:
