@@ -15,6 +15,7 @@ import yaml
 from cluster.executors import executor_for
 from cluster.profile import ClusterProfile
 from cluster.slurm_runs import SLURM_KEY, reconcile, refuse_if_active
+from pipeline.config.diff import changed_settings
 from pipeline.config.schema import PipelineConfig
 from pipeline.errors import ConfigError, StageFailed, StaleStageError
 from pipeline.fsutil import atomic_write_text
@@ -64,23 +65,6 @@ def select_stages(config: PipelineConfig, selection: Selection) -> set[str]:
     if selection.until:
         chosen &= {selection.until} | ancestors(needs, selection.until)
     return chosen
-
-
-def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
-    if isinstance(tree, dict):
-        flat: dict[str, object] = {}
-        for key, value in tree.items():
-            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return flat
-    return {prefix: tree}
-
-
-def changed_settings(old: dict, new: dict) -> list[str]:
-    """``key: old -> new`` for every setting that differs."""
-    before, after = _flatten(old), _flatten(new)
-    missing = "<unset>"
-    return [f"{key}: {before.get(key, missing)!r} -> {after.get(key, missing)!r}"
-            for key in sorted(set(before) | set(after)) if before.get(key, missing) != after.get(key, missing)]
 
 
 def plan_run(config: PipelineConfig, run_state: RunState, selection: Selection) -> tuple[list[str], list[str]]:

@@ -23,6 +23,7 @@ the stage again to continue.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import typing
@@ -37,7 +38,7 @@ from pipeline.config.types import InputPath, setting
 from pipeline.data.loaders import LoaderSettings
 from pipeline.data.manifest import Manifest
 from pipeline.data.order import steps_remaining
-from pipeline.fsutil import atomic_write_json
+from pipeline.fsutil import atomic_write_json, canonical_json
 from pipeline.stage import StageContext
 from pipeline.train import rng
 from pipeline.train.checkpoint import Checkpointer, CheckpointSettings, read_meta
@@ -88,7 +89,7 @@ class Settings:
 def resume_config(settings: Settings, seed: int) -> dict[str, Any]:
     """The settings a checkpoint must agree with: all but logging, checkpointing and loader workers, and only
     the active mode's block."""
-    tree = dataclasses.asdict(settings)
+    tree = json.loads(canonical_json(dataclasses.asdict(settings)))
     for key in (*RESUME_SAFE_KEYS, *(mode for mode in typing.get_args(Mode) if mode != settings.mode)):
         tree.pop(key)
     for key in RESUME_SAFE_LOADER_KEYS:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config.diff import changed_settings
 from pipeline.fsutil import canonical_json, sha256_text
 from pipeline.train import rng
 from pipeline.train.checkpoint import Checkpointer, CheckpointError, code_version
@@ -47,22 +48,6 @@ def _micro_batches(loader: Any) -> Iterator[Any]:
 
 def _rank_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
-def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every setting that differs."""
-    before, after = _flatten(old), _flatten(new)
-    return [f"{key}: {before.get(key, '<unset>')!r} -> {after.get(key, '<unset>')!r}"
-            for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
 
 
 class Trainer:
