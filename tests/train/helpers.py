@@ -37,8 +37,11 @@ def use_shared_torch_extensions() -> None:
 
 def train_env(**extra: str) -> dict[str, str]:
     """Environment of training subprocesses: one thread per rank (bitwise reproducible on CPU), the shared
-    extensions folder, and the repository importable."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+    extensions folder, the repository importable, and a rendezvous port of their own (this test process may
+    hold the one in its environment)."""
+    from cluster.executors import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **extra}
     env.setdefault("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS_DIR)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
     return env
