@@ -74,7 +74,7 @@ def test_nonfinite_streak_stops_with_last_good_checkpoint_latest(shards, tmp_pat
     assert_same_tensors(checkpoint(tmp_path, 3), module_state_dict(directory))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_stop_signal_saves_a_checkpoint_and_the_rerun_ends_exactly(shards, tmp_path, monkeypatch, one_rank, signum):
     block = pretrain_block(str(shards["train"]), steps=6, checkpoint={"every_steps": 100, "keep": 2})
     reference = tmp_path / "reference"
