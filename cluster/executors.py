@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from typing import Protocol
 
 from cluster.env import RankInfo
@@ -51,7 +52,7 @@ class LocalExecutor:
             env = {**os.environ, **info.export()}
             cmd = [sys.executable, "-m", "pipeline.stage_main", str(config.run_dir), spec.name]
             procs.append(subprocess.Popen(cmd, env=env))
-        codes = [proc.wait() for proc in procs]
+        codes = wait_all_or_stop(procs)
         if any(codes):
             log.error("stage %s: process exit codes %s", spec.name, codes)
         return not any(codes)
@@ -81,6 +82,27 @@ class TorchrunExecutor:
         if code:
             log.error("stage %s: torchrun exited with code %d", spec.name, code)
         return code == 0
+
+
+def wait_all_or_stop(procs: list[subprocess.Popen], grace_s: float = 30.0) -> list[int]:
+    """Exit codes of ``procs``; once one fails the others are terminated after ``grace_s`` (then killed), since
+    ranks waiting in a collective for a dead peer would otherwise wait forever."""
+    failed_at = None
+    while any(proc.poll() is None for proc in procs):
+        if failed_at is None and any(proc.returncode for proc in procs):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > grace_s:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            break
+        time.sleep(0.2)
+    return [proc.wait() for proc in procs]
 
 
 def free_port() -> int:

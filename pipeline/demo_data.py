@@ -1,9 +1,11 @@
 """Deterministic demo data from scikit-learn's bundled handwritten digits (no download).
 
 Each image is two different digits on a 64x64 canvas, side by side or stacked, with random sizes,
-positions and colours. The class is the ordered pair (first digit in reading order, second digit): 90
-classes that cannot be told apart without recognising both digits and their order. The same images
-come as an ImageNet-style tree and as a DataComp-style captioned set ("a red 3 left of a blue 7").
+positions and colours. The class is the ordered pair (first digit in reading order, second digit):
+``digits * (digits - 1)`` classes (90 with all ten digits) that cannot be told apart without recognising
+both digits and their order. Training and validation images use different writers' handwriting. The same
+images come as an ImageNet-style tree and as a DataComp-style captioned set ("a red 3 left of a blue 7"),
+with ``zeroshot_classnames.txt`` phrasing each class the way the captions do, for zero-shot evaluation.
 """
 
 from __future__ import annotations
@@ -35,11 +37,16 @@ class DemoSpec:
     val_per_class: int = 5
     captioned: int = 1000
     jpeg_quality: int = 90
+    digits: int = 10
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.digits <= 10:
+            raise ValueError(f"demo data: digits must be between 2 and 10, got {self.digits}")
 
 
-def class_pairs() -> list[tuple[int, int]]:
-    """The 90 ordered pairs of different digits; the list index is the class index."""
-    return [(a, b) for a in range(10) for b in range(10) if a != b]
+def class_pairs(digits: int = 10) -> list[tuple[int, int]]:
+    """The ordered pairs of different digits below ``digits``; the list index is the class index."""
+    return [(a, b) for a in range(digits) for b in range(digits) if a != b]
 
 
 def wnid(pair: tuple[int, int]) -> str:
@@ -48,6 +55,13 @@ def wnid(pair: tuple[int, int]) -> str:
 
 def class_name(pair: tuple[int, int]) -> str:
     return f"{DIGIT_NAMES[pair[0]]} then {DIGIT_NAMES[pair[1]]}"
+
+
+def zeroshot_names(pair: tuple[int, int]) -> str:
+    """The class in the captions' words: every colour pair and both layouts as synonyms, whose embeddings
+    zero-shot classification averages (the class-names file format)."""
+    return " | ".join(f"a {first} {pair[0]} {relation} a {second} {pair[1]}" for relation in ("left of", "above")
+                      for first in COLOURS for second in COLOURS if first != second)
 
 
 class DigitPainter:
@@ -98,7 +112,7 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
 
 
 def _write_imagenet_tree(root: Path, painter: DigitPainter, spec: DemoSpec) -> None:
-    pairs = class_pairs()
+    pairs = class_pairs(spec.digits)
     for split, per_class, salt in (("train", spec.train_per_class, 1), ("val", spec.val_per_class, 2)):
         rng = np.random.default_rng([spec.seed, salt])
         for index, pair in enumerate(pairs):
@@ -109,6 +123,8 @@ def _write_imagenet_tree(root: Path, painter: DigitPainter, spec: DemoSpec) -> N
                 (folder / f"{wnid(pair)}_{index * per_class + i:06d}.JPEG").write_bytes(_jpeg(image, spec.jpeg_quality))
     lines = [f"{index}\t{wnid(pair)}\t{class_name(pair)}" for index, pair in enumerate(pairs)]
     (root / "classes.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "zeroshot_classnames.txt").write_text("".join(f"{zeroshot_names(pair)}\n" for pair in pairs),
+                                                  encoding="utf-8")
 
 
 def _write_captioned(root: Path, painter: DigitPainter, spec: DemoSpec) -> None:
@@ -116,7 +132,7 @@ def _write_captioned(root: Path, painter: DigitPainter, spec: DemoSpec) -> None:
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng([spec.seed, 3])
-    pairs = class_pairs()
+    pairs = class_pairs(spec.digits)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rows: dict[str, list] = {"uid": [], "url": [], "text": [], "original_width": [], "original_height": []}
     for _ in range(spec.captioned):

@@ -17,9 +17,12 @@ def get_logger(name: str = "") -> logging.Logger:
 
 
 def setup_console(level: int = logging.INFO) -> None:
-    """Console logging for the ``kope`` command (idempotent)."""
+    """Console logging for the ``kope`` command (idempotent). Records stop at the ``kope`` logger: libraries
+    that log through the root logger (open_clip's module-level ``logging.info``) give it a handler of its own,
+    which would print every line twice."""
     root = logging.getLogger(LOGGER_NAME)
     root.setLevel(level)
+    root.propagate = False
     if not any(getattr(handler, "_kope_console", False) for handler in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))

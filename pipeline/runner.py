@@ -181,8 +181,9 @@ def _run_stages(config: PipelineConfig, run_state: RunState, to_run: Iterable[st
         if ok and state is not None and state.status == "done":
             summary.ran.append(name)
             continue
-        if leader and state is not None and state.status == "running":
-            state.error = "stage processes ended without reporting a result (killed?)"
+        if leader and state is not None and state.status in ("running", "done"):
+            state.error = ("stage processes ended without reporting a result (killed?)" if state.status == "running"
+                           else f"a process other than rank 0 failed (see logs/{name}.rank*.traceback.txt)")
             state.mark_finished("failed")
             run_state.write(state)
         summary.failed.append(name)

@@ -55,15 +55,17 @@ def execute_stage(config: PipelineConfig, spec: StageSpec, rank: RankInfo) -> di
             log.info("stage %s (%s) started, attempt %d", spec.name, spec.kind, state.attempt)
             outputs = spec.module.run(spec.settings, ctx) or {}
         except BaseException as exc:
+            suffix = "" if is_main else f".rank{rank.rank}"
+            trace_path = run_state.log_dir / f"{spec.name}{suffix}.traceback.txt"
+            trace_path.write_text(traceback.format_exc(), encoding="utf-8")
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            error = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
             if is_main:
-                trace_path = run_state.log_dir / f"{spec.name}.traceback.txt"
-                trace_path.write_text(traceback.format_exc(), encoding="utf-8")
-                first_line = (str(exc).strip().splitlines() or [""])[0]
-                state.error = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
-                state.traceback = str(trace_path.relative_to(run_dir))
+                state.error, state.traceback = error, str(trace_path.relative_to(run_dir))
                 state.mark_finished("failed")
                 run_state.write(state)
-            log.error("stage %s failed: %s (traceback: %s)", spec.name, state.error, state.traceback)
+            log.error("stage %s failed on rank %d: %s (traceback: %s)", spec.name, rank.rank, error,
+                      trace_path.relative_to(run_dir))
             raise
         if is_main:
             state.outputs = outputs

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     except KopeError as exc:
         print(f"kope: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Exception:
+    except Exception as exc:  # the stage logged it with its traceback file; one line for the launcher's output
+        print(f"kope: stage {args.stage} failed: {type(exc).__name__}: {str(exc).strip()[:300]}", file=sys.stderr)
         return 1
     return 0
 

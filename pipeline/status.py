@@ -16,6 +16,11 @@ from pipeline.errors import KopeError
 from pipeline.run_state import RunState, StageState
 
 MAX_OUTPUTS_WIDTH = 60
+HEADLINE_METRICS = ("top1", "val_top1", "knn_top1", "linear_top1", "zeroshot_top1", "synchrony")
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _declared(run_dir: Path) -> dict[str, list[str]]:
@@ -28,7 +33,11 @@ def _declared(run_dir: Path) -> dict[str, list[str]]:
 
 
 def _outputs_summary(state: StageState) -> str:
-    parts = [f"{key}={value}" for key, value in state.outputs.items() if not isinstance(value, dict | list)]
+    """The outputs as ``key=value``, headline metrics first, cut to the column width."""
+    scalars = {key: value for key, value in state.outputs.items() if not isinstance(value, dict | list)}
+    order = [key for key in HEADLINE_METRICS if key in scalars]
+    order += [key for key in scalars if key not in HEADLINE_METRICS]
+    parts = [f"{key}={_short(scalars[key])}" for key in order]
     text = " ".join(parts)
     return text if len(text) <= MAX_OUTPUTS_WIDTH else text[: MAX_OUTPUTS_WIDTH - 1] + "…"
 

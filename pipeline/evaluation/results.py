@@ -1,8 +1,9 @@
 """``results.jsonl``: one line per finished evaluation, appended, never rewritten.
 
 A record is identified by what determines its numbers: the evaluated weights (sha256 of the weights file),
-the protocol, its settings and the data (the manifests' shard hashes). An evaluation whose identity is
-already recorded is skipped, so an interrupted or repeated evaluate stage resumes instead of recomputing.
+the protocol, its settings (with the model's preprocessing, which the export's config decides) and the data
+(the manifests' shard hashes). An evaluation whose identity is already recorded is skipped, so an interrupted
+or repeated evaluate stage resumes instead of recomputing.
 Appends hold an exclusive lock, so evaluations running at the same time never interleave their lines.
 """
 

@@ -210,7 +210,7 @@ def evaluate(
     features = _Features(model, data, settings)
     summary: dict[str, Any] = {}
     for protocol in settings.protocols:
-        protocol_settings = _protocol_settings(protocol, settings)
+        protocol_settings = {**_protocol_settings(protocol, settings), "preprocess": repr(model.transform)}
         data_identity = _data_identity(protocol, data, settings)
         eval_id = evaluation_id(model.weights_sha256, protocol, protocol_settings, data_identity)
         found = results.find(eval_id)

@@ -45,7 +45,8 @@ def write_timm_folder(
     """Write ``model`` (a timm model built by ``timm.create_model``) as ``config.json`` + ``model.safetensors``.
 
     ``data_config`` (``mean``, ``std``, ``crop_pct``, ``interpolation``, ``input_size``) overrides the
-    preprocessing recorded for the weights; label names and descriptions go into timm's label fields.
+    preprocessing recorded for the weights; label names and descriptions go into timm's label fields. The
+    input size defaults to the one the model was built for (its patch embedding's), not the registered 224.
     """
     from timm.models._hub import save_config_for_hf
 
@@ -56,6 +57,9 @@ def write_timm_folder(
         extra["label_names"] = list(label_names)
     if label_descriptions:
         extra["label_descriptions"] = dict(label_descriptions)
+    built_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built_size is not None and "input_size" not in (data_config or {}):
+        data_config = {**(data_config or {}), "input_size": (3, *built_size)}
     save_safetensors(model.state_dict(), out_dir / WEIGHTS_FILE)
     fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILE}.", suffix=".tmp", dir=out_dir)
     os.close(fd)

@@ -4,6 +4,7 @@ is already recorded for the same weights, settings and data."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,25 @@ def test_rerun_skips_recorded_evaluations_and_computes_only_missing_ones(downstr
     assert all(abs(redone[key] - expected[key]) <= 1e-6 for key in expected)
     headline = outputs(run_dir, "evaluate")
     assert headline["top1"] == outputs(downstream_run, "evaluate_finetuned")["top1"]
+
+
+def test_other_preprocessing_in_the_export_config_is_a_new_evaluation(downstream_run, tmp_path):
+    export = tmp_path / "export"
+    shutil.copytree(downstream_run / "finetune" / "export", export)
+    config = json.loads((export / "config.json").read_text())
+    config["pretrained_cfg"]["crop_pct"] = 0.5
+    (export / "config.json").write_text(json.dumps(config))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(downstream_run / "results.jsonl", run_dir / "results.jsonl")
+    val = yaml.safe_load((downstream_run / "config.yaml").read_text())["stages"]["evaluate_finetuned"]["val"]
+    block = {"kind": "evaluate", "model": str(export), "val": val, "protocols": ["top1"], "batch_size": 64,
+             "num_workers": 0}
+    pipeline = tmp_path / "evaluate.yaml"
+    pipeline.write_text(yaml.safe_dump({"name": "evaluate", "run_dir": str(run_dir), "executor": "inline",
+                                        "stages": {"evaluate": block}}))
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(pipeline)], cwd=REPO, env=train_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already recorded" not in result.stderr
+    assert "CenterCrop" in ResultsLog(run_dir / "results.jsonl").records()[-1]["settings"]["preprocess"]

@@ -124,6 +124,9 @@ def test_finetune_starts_from_the_export_and_exports_a_classifier(downstream_run
     config = json.loads((downstream_run / "finetune" / "export" / "config.json").read_text())
     assert config["num_classes"] == 90 and len(config["label_names"]) == 90
     assert config["architecture"] == "vit_kope_tiny_patch16_224_reg4"
+    for folder in ("export_dino", "finetune/export"):  # evaluation must preprocess at the trained size
+        pretrained_cfg = json.loads((downstream_run / folder / "config.json").read_text())["pretrained_cfg"]
+        assert pretrained_cfg["input_size"] == [3, 32, 32], folder
     outputs = json.loads((downstream_run / "state" / "finetune.json").read_text())["outputs"]
     assert outputs["export"] == "finetune/export" and outputs["export_weights"] == "ema"
 

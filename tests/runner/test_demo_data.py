@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from pipeline.demo_data import DemoSpec, class_pairs, make_demo_data, wnid
@@ -56,3 +57,25 @@ def test_rerun_is_a_no_op_and_partial_output_is_replaced(tmp_path):
     (root / "imagenet" / "classes.tsv").write_text("garbage")
     make_demo_data(root, SMALL)
     assert (root / "imagenet" / "classes.tsv").read_text().count("\n") == 90
+
+
+def test_fewer_digits_fewer_classes_and_zeroshot_names_match_the_captions(tmp_path):
+    root = make_demo_data(tmp_path / "demo", DemoSpec(seed=1, train_per_class=1, val_per_class=1, captioned=20,
+                                                      digits=3))
+    classes = (root / "imagenet" / "classes.tsv").read_text().splitlines()
+    assert [line.split("\t")[1] for line in classes] == [wnid(pair) for pair in class_pairs(3)] and len(classes) == 6
+    assert len(list((root / "imagenet" / "train").glob("*/*.JPEG"))) == 6
+    names = (root / "imagenet" / "zeroshot_classnames.txt").read_text().splitlines()
+    synonyms = names[class_pairs(3).index((2, 0))].split(" | ")
+    assert len(synonyms) == 2 * 8 * 7
+    assert "a red 2 left of a blue 0" in synonyms and "a cyan 2 above a red 0" in synonyms
+    for row in pq.read_table(root / "datacomp" / "metadata.parquet").to_pylist():
+        words = row["text"].split()
+        first, second = int(words[2]), int(words[-1])
+        assert first < 3 and second < 3 and first != second
+        assert row["text"] in names[class_pairs(3).index((first, second))].split(" | ")
+
+
+def test_digits_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="digits must be between 2 and 10"):
+        DemoSpec(digits=1)

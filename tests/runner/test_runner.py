@@ -142,3 +142,33 @@ def test_local_executor_runs_every_rank(write_pipeline, tmp_path, subprocess_env
     assert lines == ["a rank0/2", "a rank1/2", "b rank0/1"]
     assert status(tmp_path, "a") == "done"
     assert (tmp_path / "run" / "logs" / "a.rank1.log").exists()
+
+
+@pytest.mark.slow
+def test_a_failure_on_another_rank_fails_the_stage_with_its_traceback(write_pipeline, tmp_path, subprocess_env,
+                                                                     kope_cmd):
+    two_ranks = {"executor": "local", "nproc": 2}
+    path = write_pipeline({"a": toy(1, fail_rank=1, launch=two_ranks), "b": toy(2, source="@a")})
+    proc = subprocess.run([*kope_cmd, "run", str(path)], env=subprocess_env, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "kope: stage a failed: RuntimeError: planted failure in a" in proc.stderr
+    state = RunState(tmp_path / "run").read("a")
+    assert state.status == "failed" and "rank*.traceback.txt" in state.error
+    assert "planted failure" in (tmp_path / "run" / "logs" / "a.rank1.traceback.txt").read_text()
+    assert status(tmp_path, "b") != "done"
+
+
+def test_status_puts_headline_metrics_first(tmp_path):
+    from pipeline.run_state import StageState
+    from pipeline.status import format_status
+
+    run_state = RunState(tmp_path)
+    state = StageState("finetune", "finetune")
+    state.outputs = {"steps": 280, "samples_seen": 8960, "export": "finetune/export", "loss": 2.377812345,
+                     "val_top5": 53.3333333, "val_top1": 13.6666667, "histogram": [1, 2]}
+    state.mark_finished("done")
+    run_state.write(state)
+    line = format_status(tmp_path).splitlines()[1]
+    assert line.split()[:2] == ["finetune", "done"]
+    assert line.split("  ")[-1].strip().startswith("val_top1=13.67 export=finetune/export loss=2.378 ")
+    assert "histogram" not in line

@@ -16,6 +16,7 @@ class Settings:
     value: int = setting(ge=0, le=1000, help="a required number, echoed in the outputs")
     source: InputPath | None = None
     fail: bool = False
+    fail_rank: int | None = setting(None, ge=0, help="fail on this rank only")
     sleep_s: float = setting(0.0, ge=0)
     tags: list[str] = setting(default_factory=list)
     window: tuple[float, float] = (0.5, 1.0)  # a tuple default must not look changed next to its stored list
@@ -27,7 +28,7 @@ def run(settings: Settings, ctx: StageContext) -> dict:
     if settings.sleep_s:
         (ctx.out_dir / "started").write_text(str(os.getpid()))
         time.sleep(settings.sleep_s)
-    if settings.fail:
+    if settings.fail or settings.fail_rank == ctx.rank:
         raise RuntimeError(f"planted failure in {ctx.name}")
     upstream = None
     if settings.source:

@@ -15,7 +15,14 @@ from pipeline.train.checkpoint import CheckpointError
 from pipeline.train.engine import BatchPlan
 from pipeline.train.tasks.supervised import SupervisedSettings, SupervisedTask
 from stages.pretrain import total_steps
-from tests.train.helpers import exported_weights, pretrain_block, rewind_to_checkpoint, run_stage_here, stage_settings
+from tests.train.helpers import (
+    TINY_KOPE,
+    exported_weights,
+    pretrain_block,
+    rewind_to_checkpoint,
+    run_stage_here,
+    stage_settings,
+)
 
 
 def test_outputs_tensorboard_and_exported_model(shards, tmp_path, one_rank):
@@ -80,3 +87,13 @@ def test_supervised_task_refuses_ema_under_zero3_and_odd_mixup_batches(shards):
     task = SupervisedTask(SupervisedSettings(ema_decay=0.0), loader=LoaderSettings(batch_size=4), zero_stage=3,
                           **common)
     assert task.num_classes == 90 and task.model_spec()["kwargs"]["num_classes"] == 90
+
+
+def test_supervised_with_learnable_gamma_trains_and_exports_a_scalar_gamma(shards, tmp_path, one_rank):
+    model = {**TINY_KOPE, "kwargs": {**TINY_KOPE["kwargs"], "learnable_gamma": True}}
+    run_stage_here(pretrain_block(str(shards["train"]), model=model, steps=3), tmp_path)
+    weights = exported_weights(tmp_path)
+    rho = [name for name, tensor in weights.items() if "coupling" in name and tensor.dim() == 0]
+    assert rho, "the learnable Kuramoto step should be exported as a 0-dim tensor"
+    spec = json.loads((tmp_path / "pretrain" / "model.json").read_text())
+    timm.create_model(spec["name"], **spec["kwargs"]).load_state_dict(weights)

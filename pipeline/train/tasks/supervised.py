@@ -26,6 +26,7 @@ from pipeline.models import kope_vit  # noqa: F401  (registers the vit_kope_* mo
 from pipeline.train.ema import ModelEma
 from pipeline.train.engine import forward_precision, gathered_parameters
 from pipeline.train.metrics import kope_metrics
+from pipeline.train.scalar_params import restore_scalars, vectorize_scalar_parameters_
 
 PROBE_IMAGES = 8
 
@@ -75,6 +76,7 @@ class SupervisedTask:
                              "must be even")
         self.criterion = _criterion(settings, self.mixup is not None)
         self.ema: ModelEma | None = None
+        self.scalar_names: set[str] = set()
         self._probe: torch.Tensor | None = None
 
     def model_spec(self) -> dict[str, Any]:
@@ -87,6 +89,7 @@ class SupervisedTask:
 
     def build_module(self) -> nn.Module:
         module = self.create_model()
+        self.scalar_names = vectorize_scalar_parameters_(module)
         if self.settings.ema_decay > 0:
             self.ema = ModelEma(module, self.settings.ema_decay)
         return module
@@ -129,7 +132,7 @@ class SupervisedTask:
     def parameters_for_export(self, engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
         """The EMA weights when an EMA is kept (DeiT-III evaluates those), else the trained ones."""
         weights = self.ema.weights_for(engine.module) if self.ema is not None else engine.module.state_dict()
-        for name, tensor in weights.items():
+        for name, tensor in restore_scalars(weights.items(), self.scalar_names):
             yield name, tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
 
     @torch.no_grad()
