@@ -53,6 +53,7 @@ def _cfg(image_size: int) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs(
     {
         "vit_kope_tiny_patch16_clip_64": _cfg(64),
+        "vit_kope_demo_patch8_clip_64": _cfg(64),
         "vit_kope_small_patch16_clip_224": _cfg(224),
         "vit_kope_base_patch16_clip_224": _cfg(224),
     }
@@ -72,6 +73,13 @@ def _create_clip_tower(variant: str, base: str, pretrained: bool = False, **kwar
 def vit_kope_tiny_patch16_clip_64(pretrained: bool = False, **kwargs) -> nn.Module:
     """KoPE ViT-Ti/16 CLIP tower at 64 px (CPU demos and tests)."""
     return _create_clip_tower("vit_kope_tiny_patch16_clip_64", "vit_kope_tiny_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def vit_kope_demo_patch8_clip_64(pretrained: bool = False, **kwargs) -> nn.Module:
+    """A 2-block, 64-wide KoPE ViT/8 CLIP tower at 64 px: small enough to learn the demo data in minutes on a CPU."""
+    demo = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2} | kwargs
+    return _create_clip_tower("vit_kope_demo_patch8_clip_64", "vit_kope_tiny_patch16_224", pretrained, **demo)
 
 
 @register_model

@@ -23,7 +23,8 @@ def tiny():
 
 def test_configs_are_registered_with_open_clip():
     names = register_open_clip_configs()
-    assert names == kope_clip_config_names() == ["ViT-KoPE-B-16", "ViT-KoPE-S-16", "ViT-KoPE-Ti-16-64"]
+    assert names == kope_clip_config_names() == ["ViT-KoPE-B-16", "ViT-KoPE-Demo-8-64", "ViT-KoPE-S-16",
+                                                 "ViT-KoPE-Ti-16-64"]
     assert register_open_clip_configs() == names  # idempotent
     assert set(names) <= set(open_clip.list_models())
     cfg = open_clip.get_model_config("ViT-KoPE-B-16")
@@ -36,6 +37,7 @@ def test_configs_are_registered_with_open_clip():
         ("ViT-KoPE-B-16", 512, 768, 224, dict(width=512, layers=12, heads=8, context_length=77)),
         ("ViT-KoPE-S-16", 384, 384, 224, dict(width=384, layers=12, heads=6, context_length=77)),
         (TINY, 128, 192, 64, dict(width=128, layers=2, heads=2, context_length=32)),
+        ("ViT-KoPE-Demo-8-64", 64, 64, 64, dict(width=64, layers=2, heads=2, context_length=16)),
     ],
 )
 def test_each_config_builds_offline_and_encodes(name, embed_dim, width, image_size, text):

@@ -165,10 +165,10 @@ def test_status_puts_headline_metrics_first(tmp_path):
     run_state = RunState(tmp_path)
     state = StageState("finetune", "finetune")
     state.outputs = {"steps": 280, "samples_seen": 8960, "export": "finetune/export", "loss": 2.377812345,
-                     "val_top5": 53.3333333, "val_top1": 13.6666667, "histogram": [1, 2]}
+                     "val_top5": 0.5333333, "val_top1": 0.1366667, "histogram": [1, 2]}
     state.mark_finished("done")
     run_state.write(state)
     line = format_status(tmp_path).splitlines()[1]
     assert line.split()[:2] == ["finetune", "done"]
-    assert line.split("  ")[-1].strip().startswith("val_top1=13.67 export=finetune/export loss=2.378 ")
+    assert line.split("  ")[-1].strip().startswith("val_top1=0.1367 export=finetune/export loss=2.378 ")
     assert "histogram" not in line

@@ -137,7 +137,8 @@ class SupervisedTask:
 
     @torch.no_grad()
     def evaluate(self, weights: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, float]:
-        """Top-1 and top-5 accuracy (%) of ``weights`` on ``val_data`` (centre crops), in this process alone."""
+        """Top-1 and top-5 accuracy (fractions, as the evaluate stage reports them) of ``weights`` on
+        ``val_data`` (centre crops), in this process alone."""
         if self.settings.val_data is None:
             return {}
         model = self.create_model().to(device).eval()
@@ -153,5 +154,5 @@ class SupervisedTask:
             correct1 += int((top5[:, 0] == labels).sum())
             correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
             seen += len(labels)
-        return {"val_top1": 100.0 * correct1 / seen, "val_top5": 100.0 * correct5 / seen, "val_samples": float(seen)}
+        return {"val_top1": correct1 / seen, "val_top5": correct5 / seen, "val_samples": float(seen)}
 
