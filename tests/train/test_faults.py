@@ -20,7 +20,9 @@ from tests.train.helpers import (
     REPO,
     assert_same_tensors,
     exported_weights,
+    kope_run,
     pretrain_block,
+    run_pipeline_file,
     run_stage_here,
     train_env,
     write_pipeline,
@@ -110,7 +112,8 @@ sys.exit(main(["run", sys.argv[1]]))
 
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_latest(shards, tmp_path, one_rank):
-    """The process dies right after DeepSpeed wrote the first file of checkpoint 4."""
+    """The process dies right after DeepSpeed wrote the first file of checkpoint 4; the rerun resumes from
+    checkpoint 2 and ends with an uninterrupted run's weights."""
     block = pretrain_block(str(shards["train"]), steps=6, checkpoint={"every_steps": 2, "keep": 2})
     pipeline = write_pipeline(tmp_path / "killed", {"pretrain": block}, executor="inline")
     result = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(pipeline)], cwd=REPO, env=train_env(),
@@ -122,3 +125,8 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_latest(shards, tmp
     assert not (directory / "step_00000004" / "meta.json").exists()
     assert read_latest(directory) == "step_00000002"
     assert module_state_dict(directory), "the previous checkpoint loads"
+
+    resumed = kope_run(pipeline)  # every run in a fresh process, as a user would resume
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = run_pipeline_file(tmp_path / "reference", {"pretrain": block}, executor="inline")
+    assert_same_tensors(exported_weights(run_dir), exported_weights(reference))
