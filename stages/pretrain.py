@@ -162,7 +162,7 @@ def _export(task: Any, engine: Any, checkpointer: Checkpointer, settings: Settin
             results = evaluate(weights, engine.device)
             scalars.write(steps, results, "eval/")
             if results:
-                ctx.log.info("evaluation: %s", ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
+                ctx.log.info("evaluation: %s", ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
     if dist.is_initialized():
         dist.barrier()
     return results
