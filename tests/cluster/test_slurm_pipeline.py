@@ -202,7 +202,8 @@ def test_scontrol_requeue_of_a_running_stage_resumes_exactly(write_pipeline, kop
 
 
 def test_time_limit_checkpoints_and_requeues_until_done(write_pipeline, kope_env, tmp_path):
-    path = write_pipeline({"count": stage("counter", steps=30, step_s=0.5)})
+    # 60 s of steps: longer than the 30 s before the warning plus slurmctld's up to 30 s of lateness in sending it
+    path = write_pipeline({"count": stage("counter", steps=30, step_s=2.0)})
     run_dir = tmp_path / "run"
     limited = profile(tmp_path, time_min=1, signal_delay_s=30, max_requeues=8)
     assert kope(kope_env, "run", str(path), "--cluster", limited).returncode == 0
