@@ -88,8 +88,8 @@ def wait_all_or_stop(procs: list[subprocess.Popen], grace_s: float = 30.0) -> li
     """Exit codes of ``procs``; once one fails the others are terminated after ``grace_s`` (then killed), since
     ranks waiting in a collective for a dead peer would otherwise wait forever."""
     failed_at = None
-    while any(proc.poll() is None for proc in procs):
-        if failed_at is None and any(proc.returncode for proc in procs):
+    while None in (codes := [proc.poll() for proc in procs]):
+        if failed_at is None and any(codes):
             failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > grace_s:
             for proc in procs:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from pipeline.config.types import InputPath, setting
 from pipeline.data.loaders import LoaderSettings
 from pipeline.data.manifest import Manifest
 from pipeline.data.order import steps_remaining
+from pipeline.export.timm_format import save_safetensors
 from pipeline.fsutil import atomic_write_json, canonical_json
 from pipeline.stage import StageContext
 from pipeline.train import rng
@@ -121,19 +120,6 @@ def _resolve_precision(precision: str, device: torch.device) -> Precision:
     return precision  # type: ignore[return-value]
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({name: t.contiguous().cpu() for name, t in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _epoch_steps(settings: Settings, plan: BatchPlan, data_dir: Path) -> tuple[int, int]:
     """(micro-steps per loader epoch, epoch length in samples)."""
     epoch_length = settings.loader.samples_per_epoch or Manifest.load(data_dir).num_samples
@@ -152,7 +138,7 @@ def _export(task: Any, engine: Any, checkpointer: Checkpointer, settings: Settin
         weights = {name: tensor.detach().cpu().clone() for name, tensor in task.parameters_for_export(engine)}
     results: dict[str, float] = {}
     if ctx.is_main:
-        _save_safetensors(weights, ctx.out_dir / "model.safetensors")
+        save_safetensors(weights, ctx.out_dir / "model.safetensors")
         atomic_write_json(ctx.out_dir / "model.json", {
             **task.model_spec(), "mode": settings.mode, "weights": "model.safetensors",
             "checkpoint": f"checkpoints/{checkpointer.latest()}", "steps": steps,

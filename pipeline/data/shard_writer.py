@@ -17,20 +17,18 @@ import multiprocessing
 import os
 import re
 import tarfile
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.manifest import INDEX_FILES, ClassInfo, Manifest, ShardInfo, shard_name
-from pipeline.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from pipeline.fsutil import atomic_file, atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.progress import progress
 
 STATS_SUFFIX = "_stats.json"
@@ -122,7 +120,7 @@ def write_shard(directory: Path, job: ShardJob) -> ShardStats:
     skipped: Counter = Counter()
     converted: Counter = Counter()
     skipped_samples: list[dict[str, str]] = []
-    with _atomic_file(directory / name) as handle, tarfile.open(
+    with atomic_file(directory / name) as handle, tarfile.open(
             fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for item in job.items():
             if isinstance(item, Skip):
@@ -291,18 +289,3 @@ def _parquet_bytes(rows: dict[str, list], target: str) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(pa.table(rows, schema=schema), buffer)
     return buffer.getvalue()
-
-
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A file written under a hidden temporary name beside ``path`` and renamed over it when complete."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -7,14 +7,14 @@ The config is written by timm's own ``save_config_for_hf``, so it holds exactly 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+from pipeline.fsutil import atomic_path
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -24,14 +24,8 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata: 
     """Write a safetensors file atomically (temporary name, then rename); tensors are made contiguous."""
     path = Path(path)
     tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
 
 
 def write_timm_folder(
@@ -61,12 +55,6 @@ def write_timm_folder(
     if built_size is not None and "input_size" not in (data_config or {}):
         data_config = {**(data_config or {}), "input_size": (3, *built_size)}
     save_safetensors(model.state_dict(), out_dir / WEIGHTS_FILE)
-    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILE}.", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        save_config_for_hf(model, tmp, model_config=extra, data_config=data_config)
-        os.replace(tmp, out_dir / CONFIG_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out_dir / CONFIG_FILE) as tmp:
+        save_config_for_hf(model, str(tmp), model_config=extra, data_config=data_config)
     return [out_dir / CONFIG_FILE, out_dir / WEIGHTS_FILE]

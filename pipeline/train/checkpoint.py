@@ -22,11 +22,9 @@ with a message saying what to do.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ import torch.distributed as dist
 import pipeline
 from pipeline.config.types import setting
 from pipeline.errors import KopeError
-from pipeline.fsutil import atomic_write_json, atomic_write_text
+from pipeline.fsutil import atomic_file, atomic_write_json, atomic_write_text
 
 LATEST = "latest"
 META = "meta.json"
@@ -90,16 +88,8 @@ def _barrier() -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
 
 
 class Checkpointer:
