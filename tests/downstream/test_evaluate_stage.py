@@ -74,6 +74,15 @@ def flat_numbers(tree, prefix=""):
     return {prefix: tree}
 
 
+def run_evaluate_stage(block: dict, run_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``kope run`` of a one-stage pipeline holding ``block`` as stage ``evaluate``, with run directory ``run_dir``."""
+    pipeline = tmp_path / "evaluate.yaml"
+    pipeline.write_text(yaml.safe_dump({"name": "evaluate", "run_dir": str(run_dir), "executor": "inline",
+                                        "stages": {"evaluate": block}}))
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(pipeline)], cwd=REPO, env=train_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
 def test_rerun_skips_recorded_evaluations_and_computes_only_missing_ones(downstream_run, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -83,11 +92,7 @@ def test_rerun_skips_recorded_evaluations_and_computes_only_missing_ones(downstr
     block = yaml.safe_load((downstream_run / "config.yaml").read_text())["stages"]["evaluate_finetuned"]
     block = {key: value for key, value in block.items() if key not in ("needs", "launch")}
     block["model"] = str(downstream_run / "finetune" / "export")
-    pipeline = tmp_path / "evaluate.yaml"
-    pipeline.write_text(yaml.safe_dump({"name": "evaluate", "run_dir": str(run_dir), "executor": "inline",
-                                        "stages": {"evaluate": block}}))
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(pipeline)], cwd=REPO, env=train_env(),
-                            capture_output=True, text=True, timeout=600)
+    result = run_evaluate_stage(block, run_dir, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("already recorded") == 3
     assert "extracting train features" not in result.stderr
@@ -114,11 +119,7 @@ def test_other_preprocessing_in_the_export_config_is_a_new_evaluation(downstream
     val = yaml.safe_load((downstream_run / "config.yaml").read_text())["stages"]["evaluate_finetuned"]["val"]
     block = {"kind": "evaluate", "model": str(export), "val": val, "protocols": ["top1"], "batch_size": 64,
              "num_workers": 0}
-    pipeline = tmp_path / "evaluate.yaml"
-    pipeline.write_text(yaml.safe_dump({"name": "evaluate", "run_dir": str(run_dir), "executor": "inline",
-                                        "stages": {"evaluate": block}}))
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(pipeline)], cwd=REPO, env=train_env(),
-                            capture_output=True, text=True, timeout=600)
+    result = run_evaluate_stage(block, run_dir, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already recorded" not in result.stderr
     assert "CenterCrop" in ResultsLog(run_dir / "results.jsonl").records()[-1]["settings"]["preprocess"]
