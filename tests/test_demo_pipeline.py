@@ -38,12 +38,13 @@ def test_demo_pipeline_learns_records_every_evaluation_and_runs_once(tmp_path):
         events.Reload()
         losses = [event.value for event in events.Scalars("train/loss")]
         assert len(losses) >= 4 and losses[-1] < losses[0], name
-    assert outputs["pretrain_supervised"]["val_top1"] > 2 * CHANCE
+    assert outputs["pretrain_supervised"]["val_top1"] > 4 * CHANCE
     assert outputs["evaluate_supervised"]["top1"] == pytest.approx(outputs["pretrain_supervised"]["val_top1"],
                                                                    abs=1e-4)  # the export evaluates alike
-    assert outputs["evaluate_finetune"]["top1"] > 1.4 * CHANCE
-    # DINO k-NN and CLIP zero-shot stay near chance at this budget: recorded, not yet a result
-    assert 0 <= outputs["evaluate_dino"]["knn_top1"] <= 1 and 0 <= outputs["evaluate_clip"]["zeroshot_top1"] <= 1
+    assert outputs["evaluate_finetune"]["top1"] > 3 * CHANCE
+    assert outputs["evaluate_dino"]["knn_top1"] > 1.5 * CHANCE
+    assert outputs["evaluate_dino"]["linear_top1"] > 2 * CHANCE
+    assert outputs["evaluate_clip"]["zeroshot_top1"] > 3 * CHANCE
 
     recorded = {(record["stage"], record["protocol"]) for record in ResultsLog(run_dir / RESULTS_FILE).records()}
     assert recorded == {(name, protocol) for name, block in stages.items() if block["kind"] == "evaluate"

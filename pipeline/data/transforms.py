@@ -131,6 +131,8 @@ class DinoAugSettings:
     local_crops: int = setting(10, ge=0, help="local crops per image")
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+    hflip: float = setting(0.5, ge=0, le=1, help="horizontal flip probability of every crop (0 where left and "
+                           "right carry meaning, as in text or ordered digits)")
     patch_size: int = setting(16, ge=1, help="model patch size: the mask grid is global_size / patch_size")
     mask_prob: float = setting(0.5, ge=0, le=1, help="probability that a global crop is masked")
     mask_ratio: tuple[float, float] = (0.1, 0.5)
@@ -205,7 +207,7 @@ class DinoMultiCrop:
         finish = T.Compose([T.ToTensor(), T.Normalize(aug.mean, aug.std)])
         global_crop = T.Compose([
             T.RandomResizedCrop(aug.global_size, scale=tuple(aug.global_scale), interpolation=bicubic),
-            T.RandomHorizontalFlip(),
+            T.RandomHorizontalFlip(aug.hflip),
             colour,
         ])
         self.global_views = [
@@ -214,7 +216,7 @@ class DinoMultiCrop:
         ]
         self.local_view = T.Compose([
             T.RandomResizedCrop(aug.local_size, scale=tuple(aug.local_scale), interpolation=bicubic),
-            T.RandomHorizontalFlip(),
+            T.RandomHorizontalFlip(aug.hflip),
             colour,
             RandomGaussianBlur(0.5),
             finish,

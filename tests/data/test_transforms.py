@@ -138,6 +138,23 @@ def test_dino_multicrop_shapes_and_masks():
         DinoMultiCrop(DinoAugSettings(global_size=30, patch_size=8))
 
 
+@pytest.mark.parametrize("hflip", [0.0, 1.0])
+def test_dino_crops_flip_only_as_configured(hflip):
+    """Bright left half, dark right half: jitter, grayscale and blur keep the order, a flip swaps it."""
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[:, :16] = 230
+    aug = DinoAugSettings(global_size=32, local_size=16, local_crops=2, patch_size=8, hflip=hflip,
+                          global_scale=(1.0, 1.0), local_scale=(1.0, 1.0))
+    crop = DinoMultiCrop(aug)
+    seed_all(0)
+    for _ in range(10):
+        out = crop(Image.fromarray(pixels), np.random.default_rng(0))
+        for view in [out["global_crops"][0], *out["local_crops"]]:
+            half = view.shape[-1] // 2
+            left_brighter = bool(view[..., :half].mean() > view[..., half:].mean())
+            assert left_brighter == (hflip == 0.0)
+
+
 def test_dino_masks_about_half_the_crops_within_the_ratio():
     crop = DinoMultiCrop(DinoAugSettings(global_size=224, patch_size=16))
     rng = np.random.default_rng(3)

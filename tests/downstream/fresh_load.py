@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import pipeline.models  # noqa: F401  (the only project import: registers the KoPE models with timm)
 
-TEXTS = ["a red 3 left of a blue 7", "a green 1 above a white 0"]
+TEXTS = ["a 3 left of a 7", "a 1 left of a 0"]
 TRAINING_STACK = ("deepspeed", "webdataset", "submitit")
 
 
