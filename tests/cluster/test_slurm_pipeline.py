@@ -4,9 +4,11 @@ status, cancel, job arrays, a two-node process group, requeue and time limits.""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,12 +45,17 @@ def squeue_state(job: str) -> str:
 
 def run_to_completion(job: str, timeout_s: float = JOB_TIMEOUT_S) -> str:
     """Wait for ``job`` to end; a requeued job waits about two minutes before Slurm starts it again
-    (its begin time), which this lifts so the test does not sleep through it."""
+    (its begin time), which this shortens so the test does not sleep through it. Not to zero: a node that saw
+    the job killed in the same second rejects the relaunch ("Job credential revoked") and the job fails."""
+
+    lifted_at = -math.inf
 
     def ended() -> bool:
+        nonlocal lifted_at
         state = squeue_state(job)
-        if state == "PENDING|BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        if state == "PENDING|BeginTime" and time.monotonic() > lifted_at + 10:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], check=True)
+            lifted_at = time.monotonic()
         return state.split("|")[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 
     wait_until(ended, timeout_s, f"job {job} to end", interval_s=1.0)

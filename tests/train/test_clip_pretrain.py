@@ -1,6 +1,7 @@
 """The ``pretrain`` stage in ``clip`` mode on the demo's captioned images (downloaded by img2dataset from a local
-server, sharded by ``shard_datacomp``), 2 ranks with ZeRO-1: the loss falls, and a run killed with SIGKILL then
-resumed ends with bitwise the same model as an uninterrupted one."""
+server, sharded by ``shard_datacomp``), 2 ranks with ZeRO-1: a run killed with SIGKILL then resumed ends with
+bitwise the same model as an uninterrupted one. That CLIP training learns is the demo pipeline's test: its
+CLIP loss stays near chance for about 150 steps before it reads the digits, far more than fit here."""
 
 from __future__ import annotations
 
@@ -50,16 +51,14 @@ def clip_block(data: str) -> dict[str, Any]:
     return block
 
 
-def test_clip_loss_falls_and_a_killed_run_resumes_exactly(tmp_path):
+def test_clip_run_killed_then_resumed_matches_an_uninterrupted_one(tmp_path):
     data = captioned_demo_shards(tmp_path / "data")
     assert Manifest.load(data).num_samples == 64
     stages = {"pretrain": clip_block(str(data))}
     reference = run_pipeline_file(tmp_path / "whole", stages)
     outputs = json.loads((reference / "state" / "pretrain.json").read_text())["outputs"]
     assert outputs["steps"] == 40 and outputs["skipped_steps"] == 0
-    # From about ln(8) (chance for 4 captions per rank against 8 images) down: the captions name only the digits
-    # and the layout, so 40 steps learn little more than the layout word.
-    assert outputs["last_loss"] < outputs["first_loss"] - 0.1, outputs
+    assert 1.5 < outputs["first_loss"] < 2.6, "about ln(8): 4 captions per rank against 8 images"
 
     resumed = run_killed_then_resumed(tmp_path / "killed", stages, kill_after_checkpoint_step=8)
     weights = exported_weights(reference)
