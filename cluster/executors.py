@@ -1,61 +1,43 @@
-"""Executors start a stage's processes and report whether they all succeeded.
-
-Every executor ends up in :func:`pipeline.stage_exec.execute_stage`; only the way processes are
-started differs.
-"""
+"""Executors that start a stage's processes on this machine (or, with torchrun, on several) and report their
+exit status. Each receives a :class:`pipeline.core.launch.StageLaunch`; every process runs its command, the
+stage process entry point, with its rank in the environment."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-from typing import Protocol
 
-from cluster.env import RankInfo
-from cluster.profile import ClusterProfile, ResolvedTorchrun
-from pipeline.config.schema import PipelineConfig, StageSpec
-from pipeline.logs import get_logger
-from pipeline.stage_exec import execute_stage
+from pipeline.core.cluster_profile import ClusterProfile, ResolvedTorchrun
+from pipeline.core.errors import INTERRUPTED_EXIT_CODE
+from pipeline.core.launch import StageLaunch
+from pipeline.core.logs import get_logger
+from pipeline.core.ranks import RankInfo, free_port
 
 log = get_logger("executor")
 
 
-class Executor(Protocol):
-    def run(self, config: PipelineConfig, spec: StageSpec) -> bool:
-        """Run the stage to completion; True when it finished successfully."""
-
-
-class InlineExecutor:
-    """Runs the stage in the ``kope`` process itself: simplest, and what tests and the demo use."""
-
-    def run(self, config: PipelineConfig, spec: StageSpec) -> bool:
-        try:
-            execute_stage(config, spec, RankInfo())
-        except Exception:
-            return False
-        return True
-
-
 class LocalExecutor:
-    """Starts ``nproc`` processes on this machine as one process group (gloo or NCCL via env://)."""
+    """Starts ``launch.nproc`` processes on this machine as one process group (gloo or NCCL via env://)."""
 
-    def __init__(self, nproc: int):
-        self.nproc = nproc
+    @classmethod
+    def from_profile(cls, profile: ClusterProfile | None, pipeline_name: str) -> LocalExecutor:
+        return cls()
 
-    def run(self, config: PipelineConfig, spec: StageSpec) -> bool:
+    def world_size(self, launch: StageLaunch) -> int:
+        return launch.nproc
+
+    def run(self, launch: StageLaunch) -> int:
         port = free_port()
         procs = []
-        for rank in range(self.nproc):
-            info = RankInfo(rank=rank, world_size=self.nproc, local_rank=rank, master_port=port)
-            env = {**os.environ, **info.export()}
-            cmd = [sys.executable, "-m", "pipeline.stage_main", str(config.run_dir), spec.name]
-            procs.append(subprocess.Popen(cmd, env=env))
+        for rank in range(launch.nproc):
+            info = RankInfo(rank=rank, world_size=launch.nproc, local_rank=rank, master_port=port)
+            procs.append(subprocess.Popen(launch.command(), env={**os.environ, **info.export()}))
         codes = wait_all_or_stop(procs)
         if any(codes):
-            log.error("stage %s: process exit codes %s", spec.name, codes)
-        return not any(codes)
+            log.error("stage %s: process exit codes %s", launch.stage, codes)
+        return combined_status(codes)
 
 
 class TorchrunExecutor:
@@ -65,23 +47,42 @@ class TorchrunExecutor:
     def __init__(self, settings: ResolvedTorchrun, run_name: str):
         self.settings, self.run_name = settings, run_name
 
-    def command(self, config: PipelineConfig, spec: StageSpec) -> list[str]:
+    @classmethod
+    def from_profile(cls, profile: ClusterProfile | None, pipeline_name: str) -> TorchrunExecutor:
+        if profile is None:
+            raise ValueError("the torchrun executor needs a cluster profile (--cluster torchrun)")
+        return cls(profile.torchrun_settings(), pipeline_name)
+
+    def world_size(self, launch: StageLaunch) -> int:
+        return self.settings.nnodes * (self.settings.nproc_per_node or launch.nproc)
+
+    def command(self, launch: StageLaunch) -> list[str]:
         torchrun = self.settings
-        nproc = torchrun.nproc_per_node or spec.launch.nproc
+        nproc = torchrun.nproc_per_node or launch.nproc
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={torchrun.nnodes}",
                f"--nproc_per_node={nproc}", "--max_restarts=0"]
         if torchrun.rdzv_endpoint is None:
             cmd.append("--standalone")
         else:
-            rdzv_id = f"{torchrun.rdzv_id or self.run_name}-{spec.name}"
+            rdzv_id = f"{torchrun.rdzv_id or self.run_name}-{launch.stage}"
             cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={torchrun.rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
-        return cmd + ["-m", "pipeline.stage_main", str(config.run_dir), spec.name]
+        return cmd + launch.command()[1:]
 
-    def run(self, config: PipelineConfig, spec: StageSpec) -> bool:
-        code = subprocess.call(self.command(config, spec))
+    def run(self, launch: StageLaunch) -> int:
+        code = subprocess.call(self.command(launch))
         if code:
-            log.error("stage %s: torchrun exited with code %d", spec.name, code)
-        return code == 0
+            log.error("stage %s: torchrun exited with code %d", launch.stage, code)
+        return code
+
+
+def combined_status(codes: list[int]) -> int:
+    """One exit status for a stage's processes: 0 when all succeeded, 75 when every one either succeeded or
+    was interrupted, else the first failure's."""
+    if all(code == 0 for code in codes):
+        return 0
+    if all(code in (0, INTERRUPTED_EXIT_CODE) for code in codes):
+        return INTERRUPTED_EXIT_CODE
+    return next(code for code in codes if code not in (0, INTERRUPTED_EXIT_CODE))
 
 
 def wait_all_or_stop(procs: list[subprocess.Popen], grace_s: float = 30.0) -> list[int]:
@@ -103,20 +104,3 @@ def wait_all_or_stop(procs: list[subprocess.Popen], grace_s: float = 30.0) -> li
             break
         time.sleep(0.2)
     return [proc.wait() for proc in procs]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def executor_for(config: PipelineConfig, spec: StageSpec, cluster: ClusterProfile | None = None) -> Executor:
-    """The profile given to ``kope run --cluster`` decides for every stage; else the stage's launch block,
-    else the pipeline's default."""
-    name = cluster.executor if cluster is not None else spec.launch.executor or config.settings.executor
-    if name == "local":
-        return LocalExecutor(spec.launch.nproc)
-    if name == "torchrun" and cluster is not None:
-        return TorchrunExecutor(cluster.torchrun_settings(), config.settings.name)
-    return InlineExecutor()

@@ -1,7 +1,7 @@
 """What every Slurm task of a stage runs: submitit unpickles a :class:`StageJob` and calls it.
 
 The stage itself runs in a child process, through the same entry point as everywhere else
-(``python -m pipeline.stage_main RUN_DIR STAGE``), so this process stays free to handle signals:
+(``python -m pipeline.core.stage_main RUN_DIR STAGE``), so this process stays free to handle signals:
 
 * SIGUSR2, which Slurm sends ``signal_delay_s`` before the time limit (and submitit uses for preemption
   notices): the stage process gets SIGUSR1, checkpoints and exits; on rank 0 submitit then calls
@@ -17,7 +17,6 @@ requeued, ``kope status`` shows it as ``requeued``.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import signal
@@ -30,10 +29,12 @@ from pathlib import Path
 
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from cluster.env import rank_info_from_env
+from pipeline.core.launch import StageLaunch
+from pipeline.core.ranks import rank_info_from_env
+from pipeline.core.run_dir import RunDir
 
-# This process only watches the stage process: it imports nothing of ``pipeline`` (which loads torch) on the
-# way in, so a job starts its stage without paying for those imports twice.
+# This process only watches the stage process: it imports only the torch-free core, so a job starts its stage
+# without paying for torch twice.
 log = logging.getLogger("kope.slurm")
 STAGE_STOP_SIGNAL = signal.SIGUSR1  # asks a stage process to checkpoint and exit
 SLURM_WARN_SIGNAL = signal.SIGUSR2  # submitit's --signal: time limit near, or preemption
@@ -53,9 +54,10 @@ def _ignore_warn_signal() -> None:
 class StageJob(Checkpointable):
     """One task of a stage's Slurm job: the whole stage, or part ``part`` of ``parts`` for array jobs."""
 
-    def __init__(self, run_dir: str, stage: str, part: int | None = None, parts: int | None = None,
+    def __init__(self, launch: StageLaunch, part: int | None = None, parts: int | None = None,
                  stop_grace_s: float = 90.0) -> None:
-        self.run_dir, self.stage, self.part, self.parts = str(run_dir), stage, part, parts
+        self.launch, self.part, self.parts = launch, part, parts
+        self.run_dir, self.stage = str(launch.run_dir), launch.stage
         self.stop_grace_s = stop_grace_s
         self._child: subprocess.Popen | None = None
         self._interrupted: str | None = None
@@ -67,9 +69,7 @@ class StageJob(Checkpointable):
         self.__dict__.update(state, _child=None, _interrupted=None)
 
     def command(self) -> list[str]:
-        if self.part is None:
-            return [sys.executable, "-m", "pipeline.stage_main", self.run_dir, self.stage]
-        return [sys.executable, "-m", "cluster.stage_part", self.run_dir, self.stage, str(self.part), str(self.parts)]
+        return [sys.executable, *self.launch.command(self.part, self.parts)[1:]]
 
     def __call__(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
@@ -97,7 +97,7 @@ class StageJob(Checkpointable):
     def checkpoint(self, *args: object, **kwargs: object) -> DelayedSubmission:
         """Called by submitit on rank 0 after the warning signal: let the stage save, then requeue it."""
         self._wait_for_stage()
-        return DelayedSubmission(StageJob(self.run_dir, self.stage, self.part, self.parts, self.stop_grace_s))
+        return DelayedSubmission(StageJob(self.launch, self.part, self.parts, self.stop_grace_s))
 
     def _on_warning(self, submitit_handler: Callable | int | None, signum: int,
                     frame: types.FrameType | None) -> None:
@@ -140,11 +140,9 @@ class StageJob(Checkpointable):
             time.sleep(POLL_S)
 
     def _finished_in_this_job(self) -> bool:
-        """A requeue that arrives after the stage finished must not run it again. The state file is read as
-        JSON (``pipeline.run_state``'s layout) to keep this process free of the pipeline's imports."""
+        """A requeue that arrives after the stage finished must not run it again."""
         job = os.environ.get("SLURM_JOB_ID")
-        path = Path(self.run_dir) / "state" / f"{self.stage}.json"
-        if int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0 or not path.exists():
+        if int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
             return False
-        state = json.loads(path.read_text(encoding="utf-8"))
-        return state.get("status") == "done" and state.get("extra", {}).get("slurm", {}).get("job_id") == job
+        state = RunDir(self.run_dir).read(self.stage)
+        return state is not None and state.status == "done" and state.job is not None and state.job.job_id == job

@@ -8,27 +8,25 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import TextIO
 
 from cluster.slurm_runs import active_jobs, reconcile
-from pipeline.errors import StageFailed
-from pipeline.run_state import RunState
-from pipeline.status import format_status
+from pipeline.core.errors import StageFailed
+from pipeline.core.run_dir import RunDir
+from pipeline.core.status import format_status
 
 CLEAR_SCREEN = "\033[H\033[2J"
 
 
-def follow_run(run_dir: Path, stages: list[str], interval_s: float = 5.0, stream: TextIO | None = None) -> None:
+def follow_run(run: RunDir, stages: list[str], interval_s: float = 5.0, stream: TextIO | None = None) -> None:
     """Block until the jobs of ``stages`` ended; raise StageFailed naming those that are not done."""
     stream = stream or sys.stdout
-    run_state = RunState(run_dir)
     live = stream.isatty()
     shown = None
     while True:
-        busy = active_jobs(run_state, stages)
-        reconcile(run_state)
-        table = format_status(run_dir)
+        busy = active_jobs(run, stages)
+        reconcile(run)
+        table = format_status(run.root)
         if table != shown:
             stream.write((CLEAR_SCREEN if live else "\n") + table + "\n")
             stream.flush()
@@ -36,6 +34,6 @@ def follow_run(run_dir: Path, stages: list[str], interval_s: float = 5.0, stream
         if not busy:
             break
         time.sleep(interval_s)
-    unfinished = [name for name in stages if (state := run_state.read(name)) is None or state.status != "done"]
+    unfinished = [name for name in stages if (state := run.read(name)) is None or state.status != "done"]
     if unfinished:
-        raise StageFailed(f"{run_dir}: stages not done: {', '.join(unfinished)} (see `kope status {run_dir}`)")
+        raise StageFailed(f"{run.root}: stages not done: {', '.join(unfinished)} (see `kope status {run.root}`)")

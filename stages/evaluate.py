@@ -12,26 +12,16 @@ shows: ``top1``, ``knn_top1``, ``linear_top1``, ``zeroshot_top1``, ``synchrony``
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config.types import InputPath, setting
+from pipeline.core.results import ResultsLog
+from pipeline.core.stage import StageContext
 from pipeline.evaluation.exported import load_export, pick_device
-from pipeline.evaluation.results import RESULTS_FILE, ResultsLog
-from pipeline.evaluation.runner import EvalData, EvalSettings, evaluate
-from pipeline.stage import StageContext
+from pipeline.evaluation.runner import EvalData, evaluate
+from pipeline.evaluation.settings import EvaluateSettings
 
 
-@dataclass(kw_only=True)
-class Settings(EvalSettings):
-    model: InputPath = setting(help="an export folder, e.g. '@export' or '@finetune/export'")
-    val: InputPath = setting(help="sharded classification set to evaluate on, e.g. '@shard_imagenet/val'")
-    train: InputPath | None = setting(None, help="sharded training set for k-NN and linear probes")
-    extra_val: dict[str, InputPath] = setting(default_factory=dict,
-                                              help="more evaluation sets by name, e.g. {v2: '@shard_v2/val'}")
-
-
-def run(settings: Settings, ctx: StageContext) -> dict[str, Any]:
+def run(settings: EvaluateSettings, ctx: StageContext) -> dict[str, Any]:
     if not ctx.is_main:
         return {}
     model = load_export(ctx.input_path(settings.model), pick_device(settings.device))
@@ -39,7 +29,7 @@ def run(settings: Settings, ctx: StageContext) -> dict[str, Any]:
     if settings.zeroshot.classnames:
         zeroshot = dataclasses.replace(settings.zeroshot, classnames=str(ctx.input_path(settings.zeroshot.classnames)))
         eval_settings = dataclasses.replace(settings, zeroshot=zeroshot)
-    results = ResultsLog(ctx.run_dir / RESULTS_FILE)
+    results = ResultsLog(ctx.run.results_file)
     train = ctx.input_path(settings.train) if settings.train else None
     record = {"stage": ctx.name, "model": str(model.path.relative_to(ctx.run_dir)) if model.path.is_relative_to(
         ctx.run_dir) else str(model.path)}

@@ -19,11 +19,11 @@ from __future__ import annotations
 import shutil
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
-from pipeline.config.types import InputPath, setting
+from pipeline.core.fsutil import atomic_write_json
+from pipeline.core.stage import StageContext
 from pipeline.data.datacomp_source import (
     DownloadOptions,
     ReshardPlan,
@@ -34,7 +34,8 @@ from pipeline.data.datacomp_source import (
     serve_folder,
     write_download_list,
 )
-from pipeline.data.images import PIL_DEFAULT_MAX_PIXELS, ImageOptions
+from pipeline.data.images import ImageOptions
+from pipeline.data.settings import DataCompShardSettings
 from pipeline.data.shard_writer import (
     build_shards,
     dataset_report,
@@ -42,56 +43,18 @@ from pipeline.data.shard_writer import (
     finish_dataset,
     write_shards,
 )
-from pipeline.fsutil import atomic_write_json
-from pipeline.stage import StageContext
 
 DATASET = "train"
 DOWNLOAD_DIR = "_download"
 REPORT_FILE = "report.json"
 
 
-@dataclass
-class Settings:
-    source: InputPath = setting(help="download: a metadata parquet or a folder of them; reshard: a folder of "
-                                     "img2dataset / DataComp shards")
-    mode: Literal["download", "reshard"] = setting("download", help="download with img2dataset, or reshard")
-    serve_local: bool = setting(False, help="download: serve the metadata's folder on 127.0.0.1 and resolve "
-                                            "relative urls against it")
-    uid_subset: InputPath | None = setting(None, help="DataComp's sorted u8,u8 uid file: keep only these uids")
-    name: str = setting("datacomp", help="dataset name in the manifest")
-    samples_per_shard: int = setting(10_000, ge=1, help="kept samples per output shard")
-    url_col: str = setting("url", help="metadata column with the image url")
-    caption_col: str = setting("text", help="metadata column with the caption")
-    uid_col: str = setting("uid", help="metadata column with the uid")
-    extra_columns: list[str] = setting(default_factory=list,
-                                       help="metadata columns copied into each sample's json (e.g. scores)")
-    image_size: int = setting(512, ge=1, help="img2dataset image_size")
-    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = setting(
-        "keep_ratio_largest", help="img2dataset resize_mode")
-    resize_only_if_bigger: bool = setting(True, help="img2dataset resize_only_if_bigger")
-    encode_quality: int = setting(95, ge=1, le=100, help="img2dataset JPEG quality")
-    timeout_s: float = setting(10.0, gt=0, help="per-request timeout")
-    retries: int = setting(0, ge=0, help="download retries per url")
-    thread_count: int = setting(64, ge=1, help="download threads per process")
-    processes: int = setting(1, ge=1, help="img2dataset processes")
-    download_shard_size: int = setting(10_000, ge=1, help="samples per img2dataset shard")
-    keep_download: bool = setting(False, help="keep img2dataset's shards (a second full copy) after resharding")
-    min_caption_chars: int = setting(1, ge=1, help="shorter captions (after stripping) are dropped")
-    max_caption_chars: int = setting(0, ge=0, help="longer captions are dropped; 0: no limit")
-    min_image_size: int = setting(0, ge=0, help="images whose original shorter side is smaller are dropped")
-    max_aspect_ratio: float = setting(0.0, ge=0, help="images with a larger long/short side ratio are dropped; "
-                                                      "0: no limit")
-    max_pixels: int = setting(PIL_DEFAULT_MAX_PIXELS, ge=1, help="larger images are dropped")
-    quality: int = setting(90, ge=1, le=100, help="JPEG quality of images we convert (PNG, CMYK, ...)")
-    workers: int = setting(0, ge=0, help="processes writing shards; 0: one per CPU")
-
-
-def sample_filters(settings: Settings) -> SampleFilters:
+def sample_filters(settings: DataCompShardSettings) -> SampleFilters:
     return SampleFilters(settings.min_caption_chars, settings.max_caption_chars, settings.min_image_size,
                          settings.max_aspect_ratio)
 
 
-def download_options(settings: Settings) -> DownloadOptions:
+def download_options(settings: DataCompShardSettings) -> DownloadOptions:
     return DownloadOptions(
         image_size=settings.image_size, resize_mode=settings.resize_mode,
         resize_only_if_bigger=settings.resize_only_if_bigger, encode_quality=settings.encode_quality,
@@ -101,7 +64,7 @@ def download_options(settings: Settings) -> DownloadOptions:
         samples_per_shard=settings.download_shard_size)
 
 
-def fetch(settings: Settings, ctx: StageContext) -> tuple[Path, Counter]:
+def fetch(settings: DataCompShardSettings, ctx: StageContext) -> tuple[Path, Counter]:
     """The folder of img2dataset shards to reshard, and what was dropped before it (download mode)."""
     source = ctx.input_path(settings.source)
     if settings.mode == "reshard":
@@ -118,7 +81,7 @@ def fetch(settings: Settings, ctx: StageContext) -> tuple[Path, Counter]:
     return work / "shards", skipped
 
 
-def plan(settings: Settings, ctx: StageContext, folder: Path, skipped_before: Counter) -> ReshardPlan:
+def plan(settings: DataCompShardSettings, ctx: StageContext, folder: Path, skipped_before: Counter) -> ReshardPlan:
     subset = None
     if settings.mode == "reshard" and settings.uid_subset:
         subset = load_uid_subset(ctx.input_path(settings.uid_subset))
@@ -128,7 +91,7 @@ def plan(settings: Settings, ctx: StageContext, folder: Path, skipped_before: Co
                         subset=subset, skipped_before=skipped_before)
 
 
-def run_part(settings: Settings, ctx: StageContext, part: int, parts: int) -> None:
+def run_part(settings: DataCompShardSettings, ctx: StageContext, part: int, parts: int) -> None:
     """One array task's share of a reshard: output shards ``i`` with ``i % parts == part``. A download runs
     as one job (img2dataset spreads it over processes and threads itself), so its parts have nothing to do."""
     if settings.mode == "download":
@@ -139,7 +102,7 @@ def run_part(settings: Settings, ctx: StageContext, part: int, parts: int) -> No
                  default_workers(settings.workers), ctx.log, desc=f"{ctx.name} part {part}/{parts}")
 
 
-def run(settings: Settings, ctx: StageContext) -> dict:
+def run(settings: DataCompShardSettings, ctx: StageContext) -> dict:
     if not ctx.is_main:
         ctx.log.info("sharding runs on rank 0 with a process pool; rank %d has nothing to do", ctx.rank)
         return {}

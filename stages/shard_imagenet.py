@@ -11,13 +11,15 @@ array job (:func:`run_part`, one slice of the shards per task); then :func:`run`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config.types import InputPath, setting
+from pipeline.core.fsutil import atomic_write_json
+from pipeline.core.stage import StageContext
 from pipeline.data.imagenet_source import ImageNetPlan, plan_split, read_classes, read_val_labels
-from pipeline.data.images import PIL_DEFAULT_MAX_PIXELS, ImageOptions
+from pipeline.data.images import ImageOptions
 from pipeline.data.manifest import ClassInfo
+from pipeline.data.settings import ImageNetShardSettings
 from pipeline.data.shard_writer import (
     build_shards,
     dataset_report,
@@ -25,35 +27,11 @@ from pipeline.data.shard_writer import (
     finish_dataset,
     write_shards,
 )
-from pipeline.fsutil import atomic_write_json
-from pipeline.stage import StageContext
 
 REPORT_FILE = "report.json"
 
 
-@dataclass
-class Settings:
-    source: InputPath = setting(help="root with train/<wnid>/* and val/ (class folders, or flat with val_labels)")
-    splits: list[str] = setting(default_factory=lambda: ["train", "val"], help="split folders to shard")
-    val_labels: InputPath | None = setting(
-        None, help="labels of a flat split: LOC_val_solution.csv, ILSVRC2012_validation_ground_truth.txt "
-                   "(with val_synsets) or 'file wnid' lines")
-    val_synsets: InputPath | None = setting(
-        None, help="ILSVRC2012 class id -> wnid: the devkit's meta.mat or one wnid per line in id order")
-    class_names: InputPath | None = setting(
-        None, help="class names (classes.tsv, LOC_synset_mapping.txt or words.txt); default: found in source")
-    name: str = setting("imagenet", help="dataset name: manifests are named <name>-<split>")
-    seed: int = setting(0, ge=0, help="seed of the sample order (every shard mixes classes)")
-    samples_per_shard: int = setting(1000, ge=1, help="inputs per shard (skipped ones leave a shard smaller)")
-    shard_bytes: int = setting(0, ge=0, help="if > 0: cut shards by this many source bytes instead")
-    resize_shorter: int = setting(0, ge=0, help="0: keep the original JPEG bytes; else re-encode larger images "
-                                                "with the shorter side at this many pixels")
-    quality: int = setting(90, ge=1, le=100, help="JPEG quality of re-encoded and converted images")
-    max_pixels: int = setting(PIL_DEFAULT_MAX_PIXELS, ge=1, help="larger images are skipped (decompression bombs)")
-    workers: int = setting(0, ge=0, help="processes writing shards; 0: one per CPU")
-
-
-def plans(settings: Settings, ctx: StageContext) -> tuple[list[ClassInfo], dict[str, ImageNetPlan]]:
+def plans(settings: ImageNetShardSettings, ctx: StageContext) -> tuple[list[ClassInfo], dict[str, ImageNetPlan]]:
     """The class list and every split's plan; a pure function of the settings and the tree."""
     root = ctx.input_path(settings.source)
     names = ctx.input_path(settings.class_names) if settings.class_names else None
@@ -71,7 +49,7 @@ def plans(settings: Settings, ctx: StageContext) -> tuple[list[ClassInfo], dict[
     }
 
 
-def run_part(settings: Settings, ctx: StageContext, part: int, parts: int) -> None:
+def run_part(settings: ImageNetShardSettings, ctx: StageContext, part: int, parts: int) -> None:
     """One array task's share: the shards ``i`` with ``i % parts == part`` of every split (unless finished)."""
     _, split_plans = plans(settings, ctx)
     for split, plan in split_plans.items():
@@ -79,7 +57,7 @@ def run_part(settings: Settings, ctx: StageContext, part: int, parts: int) -> No
                      default_workers(settings.workers), ctx.log, desc=f"{ctx.name}/{split} part {part}/{parts}")
 
 
-def run(settings: Settings, ctx: StageContext) -> dict:
+def run(settings: ImageNetShardSettings, ctx: StageContext) -> dict:
     if not ctx.is_main:
         ctx.log.info("sharding runs on rank 0 with a process pool; rank %d has nothing to do", ctx.rank)
         return {}

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pipeline.evaluation.results import RESULTS_FILE, ResultsLog
-from pipeline.run_state import RunState
+from pipeline.core.results import ResultsLog
+from pipeline.core.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "pipelines" / "demo.yaml"
@@ -23,10 +23,10 @@ TRAINING = ("pretrain_supervised", "pretrain_dino", "pretrain_clip", "finetune")
 @pytest.mark.slow
 def test_demo_pipeline_learns_records_every_evaluation_and_runs_once(tmp_path):
     run_dir = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(DEMO), "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "pipeline.core.cli", "run", str(DEMO), "--run-dir", str(run_dir)]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    states = RunState(run_dir)
+    states = RunDir(run_dir)
     stages = yaml.safe_load(DEMO.read_text())["stages"]
     assert sorted(states.stage_names()) == sorted(stages)
     assert all(states.read(name).status == "done" for name in stages)
@@ -46,7 +46,7 @@ def test_demo_pipeline_learns_records_every_evaluation_and_runs_once(tmp_path):
     assert outputs["evaluate_dino"]["linear_top1"] > 2 * CHANCE
     assert outputs["evaluate_clip"]["zeroshot_top1"] > 3 * CHANCE
 
-    recorded = {(record["stage"], record["protocol"]) for record in ResultsLog(run_dir / RESULTS_FILE).records()}
+    recorded = {(record["stage"], record["protocol"]) for record in ResultsLog(RunDir(run_dir).results_file).records()}
     assert recorded == {(name, protocol) for name, block in stages.items() if block["kind"] == "evaluate"
                         for protocol in block["protocols"]}
     for name in ("export_supervised", "export_dino", "export_clip"):

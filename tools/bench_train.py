@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 import pipeline.models  # noqa: F401  (registers vit_kope_*)
-from pipeline.train import rng
-from pipeline.train.checkpoint import Checkpointer
+from pipeline.checkpoint.store import Checkpointer
 from pipeline.train.engine import BatchPlan, build_engine, forward_precision, init_distributed, set_schedule
 from pipeline.train.faults import poison_if_nonfinite
 from pipeline.train.optim import OptimSettings
+from pipeline.train.state import Progress, RngState
 
 TINY = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
 
@@ -134,7 +134,7 @@ def main() -> None:
     folder = Path(args.checkpoint_dir or tempfile.mkdtemp(prefix="kope-bench-"))
     checkpointer = Checkpointer(folder, keep=1, rank=0, world_size=1)
     start = time.perf_counter()
-    tag = checkpointer.save(engine, 1, {"step": 1}, rng.capture())
+    tag = checkpointer.save(engine, 1, {"progress": Progress(1, args.batch)}, {"rng": RngState()}, {})
     synchronize(device)
     save_s = time.perf_counter() - start
     size = sum(p.stat().st_size for p in (folder / tag).iterdir())
@@ -145,7 +145,7 @@ def main() -> None:
     start = time.perf_counter()
     engine = make_engine(args, device)
     built = time.perf_counter()
-    checkpointer.load(engine, tag)
+    checkpointer.load(engine, tag, {"progress": Progress()}, {"rng": RngState()})
     loaded = time.perf_counter()
     engine_step(engine, images, labels)()
     synchronize(device)

@@ -20,9 +20,9 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from pipeline.core.errors import KopeError
+from pipeline.core.fsutil import atomic_write_bytes, sha256_file
 from pipeline.data.manifest import Manifest
-from pipeline.errors import KopeError
-from pipeline.fsutil import atomic_write_bytes, sha256_file
 
 TILE = 160
 TEXT_LINES = 3

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.demo_data import DemoSpec, make_demo_data
+from pipeline.data.demo_data import DemoSpec, make_demo_data
 
 
 def main() -> None:

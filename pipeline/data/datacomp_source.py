@@ -36,10 +36,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core.errors import KopeError
+from pipeline.core.fsutil import canonical_json, sha256_text
 from pipeline.data.images import IMAGE_TOO_SMALL, BadImage, ImageOptions, prepare_image
 from pipeline.data.shard_writer import REPORT_SAMPLE_LIMIT, Sample, Skip, key_width, sample_key
-from pipeline.errors import KopeError
-from pipeline.fsutil import canonical_json, sha256_text
 
 NOT_IN_SUBSET = "not_in_uid_subset"
 DUPLICATE_UID = "duplicate_uid"

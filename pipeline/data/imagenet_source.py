@@ -20,11 +20,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.core.errors import KopeError
+from pipeline.core.fsutil import canonical_json, sha256_text
 from pipeline.data.images import BadImage, ImageOptions, prepare_image
 from pipeline.data.manifest import ClassInfo
 from pipeline.data.shard_writer import Sample, Skip, key_width, sample_key
-from pipeline.errors import KopeError
-from pipeline.fsutil import canonical_json, sha256_text
 
 NAME_FILES = ("classes.tsv", "LOC_synset_mapping.txt", "words.txt")
 MISSING_LABEL = "missing_label"

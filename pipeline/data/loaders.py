@@ -41,29 +41,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config.types import setting
 from pipeline.data.loaders_samples import SamplePipeline
 from pipeline.data.loaders_tar import ShardReaders
 from pipeline.data.manifest import Manifest
 from pipeline.data.order import EpochOrder, OrderSpec, rank_positions, steps_remaining, worker_steps
-
-
-@dataclass
-class LoaderSettings:
-    """How a rank reads a dataset; the order-defining fields are checked on resume."""
-
-    batch_size: int = setting(256, ge=1, help="samples per rank per step")
-    num_workers: int = setting(8, ge=0, help="DataLoader worker processes per rank")
-    shuffle: bool = setting(True, help="shuffle shards and samples (False: manifest order, for evaluation)")
-    window_shards: int = setting(8, ge=1, help="shards whose samples are shuffled together")
-    samples_per_epoch: int = setting(0, ge=0, help="positions per epoch (0: the dataset size)")
-    repeats: int = setting(1, ge=1, help="repeated augmentation: each sample k times, on different ranks")
-    resampled: bool = setting(False, help="draw shards with replacement (open_clip's dataset-resampled)")
-    drop_last: bool = setting(True, help="only full global batches, so all ranks take the same steps")
-    draft_size: int = setting(0, ge=0, help="JPEG draft decoding keeping both sides >= this (0: off)")
-    index_cache_dir: str = setting("", help="folder for tar indexes keyed by shard sha256 ('': memory)")
-    prefetch_factor: int = setting(2, ge=1, help="batches each worker prepares ahead")
-    pin_memory: bool = setting(False, help="page-locked batches for faster copies to the GPU")
+from pipeline.data.settings import LoaderSettings
 
 
 @contextmanager

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.errors import KopeError
-from pipeline.fsutil import atomic_write_json, atomic_write_text
+from pipeline.core.errors import KopeError
+from pipeline.core.fsutil import atomic_write_json, atomic_write_text
 
 FORMAT = "kope-shards/1"
 MANIFEST_FILE = "manifest.json"

@@ -27,9 +27,9 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core.fsutil import atomic_file, atomic_write_bytes, atomic_write_json, sha256_file
+from pipeline.core.progress import progress
 from pipeline.data.manifest import INDEX_FILES, ClassInfo, Manifest, ShardInfo, shard_name
-from pipeline.fsutil import atomic_file, atomic_write_bytes, atomic_write_json, sha256_file
-from pipeline.progress import progress
 
 STATS_SUFFIX = "_stats.json"
 TARGETS = {"classification": ("cls", "label"), "captions": ("txt", "caption")}

@@ -25,7 +25,8 @@ from PIL import Image, ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from torchvision import transforms as T
 
-from pipeline.config.types import setting
+from pipeline.core.config.types import setting
+from pipeline.data.settings import DinoAugSettings, SupervisedAugSettings
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 
@@ -53,31 +54,6 @@ def eval_transform(
         input_size=image_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
         mean=mean, std=std, use_prefetcher=uint8,
     )
-
-
-@dataclass
-class SupervisedAugSettings:
-    """DeiT-III augmentation and batch mixing; defaults are the paper's ImageNet-1K recipe."""
-
-    image_size: int = setting(224, ge=8, help="training and evaluation crop size (pixels)")
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = setting(0.5, ge=0, le=1, help="horizontal flip probability")
-    three_augment: bool = setting(True, help="apply one of grayscale, solarize, Gaussian blur to every image")
-    auto_augment: str = setting("", help="a timm policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment); "
-                                         "overrides three_augment")
-    color_jitter: float = setting(0.3, ge=0, help="brightness, contrast and saturation jitter (0: off)")
-    interpolation: str = "bicubic"
-    eval_crop_pct: float = setting(1.0, gt=0, le=1, help="evaluation centre crop as a fraction of the resize")
-    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
-    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
-    mixup_alpha: float = setting(0.8, ge=0, help="Mixup Beta(alpha, alpha); 0: off")
-    cutmix_alpha: float = setting(1.0, ge=0, help="CutMix Beta(alpha, alpha); 0: off")
-    mixup_prob: float = setting(1.0, ge=0, le=1, help="probability of mixing a batch")
-    mixup_switch_prob: float = setting(0.5, ge=0, le=1, help="probability of CutMix when both are on")
-    label_smoothing: float = setting(0.0, ge=0, lt=1)
-    uint8_images: bool = setting(False, help="batches of uint8 pixels, normalised on the GPU by "
-                                 "normalize_images: 4x smaller batches and less work per worker")
 
 
 def normalize_images(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -120,24 +96,6 @@ def make_mixup(aug: SupervisedAugSettings, num_classes: int) -> Mixup | None:
         label_smoothing=aug.label_smoothing,
         num_classes=num_classes,
     )
-
-
-@dataclass
-class DinoAugSettings:
-    """DINOv2 multi-crop and iBOT masking; defaults are the paper's self-supervised recipe."""
-
-    global_size: int = setting(224, ge=8, help="global crop size (pixels)")
-    local_size: int = setting(96, ge=8, help="local crop size (pixels)")
-    local_crops: int = setting(10, ge=0, help="local crops per image")
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    hflip: float = setting(0.5, ge=0, le=1, help="horizontal flip probability of every crop (0 where left and "
-                           "right carry meaning, as in text or ordered digits)")
-    patch_size: int = setting(16, ge=1, help="model patch size: the mask grid is global_size / patch_size")
-    mask_prob: float = setting(0.5, ge=0, le=1, help="probability that a global crop is masked")
-    mask_ratio: tuple[float, float] = (0.1, 0.5)
-    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
-    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
 
 
 def block_mask(

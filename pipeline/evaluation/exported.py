@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import KopeError
+from pipeline.core.errors import KopeError
+from pipeline.core.fsutil import sha256_file
 from pipeline.export import open_clip_format, timm_format
 from pipeline.export.checksums import SUMS_FILE, read_checksums
-from pipeline.fsutil import sha256_file
 
 
 @dataclass

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data.loaders import LoaderSettings, ResumableLoader
+from pipeline.core.errors import KopeError
+from pipeline.core.fsutil import canonical_json, sha256_text
+from pipeline.data.loaders import ResumableLoader
 from pipeline.data.loaders_samples import SupervisedSamples
 from pipeline.data.manifest import Manifest
-from pipeline.errors import KopeError
+from pipeline.data.settings import LoaderSettings
 from pipeline.evaluation.exported import EvalModel
-from pipeline.fsutil import canonical_json, sha256_text
 
 
 @dataclass

@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.evaluation.metrics import topk_correct
-
-DINOV2_KS = (10, 20, 100, 200)
-DINOV2_TEMPERATURE = 0.07
+from pipeline.evaluation.settings import DINOV2_KS, DINOV2_TEMPERATURE
 
 
 def knn_class_scores(

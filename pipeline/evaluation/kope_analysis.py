@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.fsutil import atomic_write_json
+from pipeline.core.fsutil import atomic_write_json
 from pipeline.models.analysis import attention_metrics, metrics_to_json
 
 METRIC_TITLES = {"gini": "Gini concentration", "synchrony": "phase synchrony", "entropy": "entropy (nats)"}

@@ -17,19 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config.types import setting
 from pipeline.evaluation.metrics import topk_correct
-
-
-@dataclass
-class LinearProbeSettings:
-    learning_rates: list[float] = setting(
-        default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0],
-        help="one head per learning rate (for batch size 256; scaled linearly with batch_size)")
-    epochs: int = setting(10, ge=1, help="passes over the training features")
-    batch_size: int = setting(256, ge=1, help="features per step")
-    momentum: float = setting(0.9, ge=0, lt=1, help="SGD momentum")
-    weight_decay: float = setting(0.0, ge=0, help="SGD weight decay")
+from pipeline.evaluation.settings import LinearProbeSettings
 
 
 @dataclass

@@ -11,66 +11,28 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pipeline.config.types import InputPath, setting
-from pipeline.errors import KopeError
+from pipeline.core.errors import KopeError
+from pipeline.core.fsutil import sha256_file
+from pipeline.core.logs import get_logger
+from pipeline.core.results import ResultsLog, evaluation_id
 from pipeline.evaluation.exported import EvalModel
 from pipeline.evaluation.features import DatasetFeatures, classification_manifest, dataset_fingerprint, extract
-from pipeline.evaluation.knn import DINOV2_KS, DINOV2_TEMPERATURE, knn_accuracy
+from pipeline.evaluation.knn import knn_accuracy
 from pipeline.evaluation.kope_analysis import analyse_to_files
-from pipeline.evaluation.linear_probe import LinearProbeSettings, linear_probe
+from pipeline.evaluation.linear_probe import linear_probe
 from pipeline.evaluation.metrics import topk_accuracy
-from pipeline.evaluation.results import ResultsLog, evaluation_id
+from pipeline.evaluation.settings import EvalSettings
 from pipeline.evaluation.zeroshot import (
-    TEMPLATE_SETS,
     default_classnames,
     read_classnames,
     templates_by_name,
     zero_shot_logits,
     zero_shot_weights,
 )
-from pipeline.fsutil import sha256_file
-from pipeline.logs import get_logger
 
-Protocol = Literal["top1", "knn", "linear", "zeroshot", "analysis"]
 log = get_logger("evaluate")
-
-
-@dataclass
-class KnnSettings:
-    ks: list[int] = setting(default_factory=lambda: list(DINOV2_KS), help="neighbour counts (DINOv2: 10 20 100 200)")
-    temperature: float = setting(DINOV2_TEMPERATURE, gt=0, help="vote weights softmax(similarity / T)")
-    headline_k: int = setting(20, ge=1, help="the k reported as knn_top1")
-
-
-@dataclass
-class ZeroShotSettings:
-    template_set: str = setting("openai_imagenet", help=f"open_clip's prompts: {' or '.join(TEMPLATE_SETS)}")
-    templates: list[str] = setting(default_factory=list, help="prompts with one {} for the class name "
-                                                              "(replace template_set when given)")
-    classnames: InputPath | None = setting(None, help="file with one line of names per class ('a | b': synonyms);"
-                                                      " none: ImageNet names for 1000 classes, else the dataset's")
-
-
-@dataclass
-class AnalysisSettings:
-    images: int = setting(16, ge=1, help="evaluation images the KoPE metrics are averaged over")
-    attention_maps: int = setting(4, ge=0, help="of those, images drawn with their CLS attention maps")
-
-
-@dataclass
-class EvalSettings:
-    protocols: list[Protocol] = setting(default_factory=lambda: ["top1", "knn", "linear", "analysis"],
-                                        help="evaluations to run (top1 needs a classifier, zeroshot a CLIP model)")
-    batch_size: int = setting(256, ge=1, help="images per forward pass")
-    num_workers: int = setting(4, ge=0, help="data loader workers")
-    max_train_samples: int = setting(0, ge=0, help="k-NN/linear training features from the first N samples (0: all)")
-    device: str = setting("auto", help="auto (cuda when available), cpu or cuda[:i]")
-    knn: KnnSettings = field(default_factory=KnnSettings)
-    linear: LinearProbeSettings = field(default_factory=LinearProbeSettings)
-    zeroshot: ZeroShotSettings = field(default_factory=ZeroShotSettings)
-    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
 
 
 NEEDS_TRAIN = {"knn", "linear"}

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import KopeError
+from pipeline.core.errors import KopeError
+from pipeline.evaluation.settings import TEMPLATE_SETS
 
 SYNONYM_SEPARATOR = " | "
-TEMPLATE_SETS = ("openai_imagenet", "simple_imagenet")
 
 
 def templates_by_name(name: str) -> tuple[Callable[[str], str], ...]:

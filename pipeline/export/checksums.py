@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.errors import KopeError
-from pipeline.fsutil import atomic_write_text, sha256_file
+from pipeline.core.errors import KopeError
+from pipeline.core.fsutil import atomic_write_text, sha256_file
 
 SUMS_FILE = "SHA256SUMS"
 

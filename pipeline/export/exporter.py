@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import KopeError
+from pipeline.checkpoint.consolidate import ConsolidatedCheckpoint, consolidate
+from pipeline.checkpoint.files import CheckpointError
+from pipeline.checkpoint.layout import resolve_tag_dir
+from pipeline.core.errors import KopeError
 from pipeline.export import open_clip_format, timm_format
-from pipeline.export.consolidate import ConsolidatedCheckpoint, consolidate, resolve_tag_dir
 from pipeline.export.recipe import ModelRecipe
-from pipeline.export.safe_load import CheckpointError
-from pipeline.export.weights import WeightsChoice, backbone_state_dict, select_weights
+from pipeline.train.settings import WeightsChoice
 
 RUNTIME_KWARGS = frozenset({"pretrained", "precision", "device", "jit", "cache_dir", "output_dict"})
 
@@ -112,9 +113,9 @@ def load_trained_model(checkpoints_dir: Path, recipe: ModelRecipe, tag: str | No
     """Checkpoint ``tag`` (default: latest) consolidated, its weights chosen and loaded into ``recipe``'s model."""
     tag_dir = resolve_tag_dir(checkpoints_dir, tag)
     checkpoint = consolidate(tag_dir)
-    full, used = select_weights(checkpoint.state_dict, checkpoint.client_state, recipe.layout, weights)
+    state_dict, used = recipe.task.inference_weights(checkpoint.state_dict, checkpoint.part("task"), weights)
     model = recipe.build().eval()
-    load_into(model, backbone_state_dict(full, recipe.layout.backbone_prefix), str(tag_dir))
+    load_into(model, state_dict, str(tag_dir))
     timm_model = model
     if recipe.library == "open_clip":
         timm_model = getattr(model.visual, "trunk", None)

@@ -82,12 +82,20 @@ def render_card(facts: CardFacts) -> str:
     return "\n".join(lines) + "\n"
 
 
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
+
+
 def load_snippets(folder_config: dict[str, Any], has_open_clip: bool) -> tuple[str, str]:
-    """The two ways to load the folder with timm (and the open_clip call), as code for the card."""
+    """The two ways to load the folder with timm (and the open_clip call), as code for the card. Loading by name
+    carries the folder's preprocessing (input size, normalisation, crop) into the pretrained config, so
+    ``timm.data.resolve_data_config(model=model)`` builds the transform the model was trained for, not the
+    registered default's 224 px one."""
     arch = folder_config["architecture"]
     args = folder_config.get("model_args", {})
     num_classes = folder_config.get("num_classes", 0)
     arg_text = "".join(f", {key}={value!r}" for key, value in args.items() if key != "num_classes")
+    cfg = folder_config.get("pretrained_cfg", {})
+    overlay = "".join(f", {key}={_literal(cfg[key])}" for key in PREPROCESSING_KEYS if key in cfg)
     timm_code = "\n".join([
         "import timm",
         "import pipeline.models  # registers the KoPE architectures with timm",
@@ -95,7 +103,8 @@ def load_snippets(folder_config: dict[str, Any], has_open_clip: bool) -> tuple[s
         'model = timm.create_model("local-dir:path/to/this/folder", pretrained=True).eval()',
         "# or, by name, with the weights file:",
         f'model = timm.create_model("{arch}", pretrained=True, pretrained_cfg_overlay=dict(',
-        f'    file="path/to/this/folder/model.safetensors", num_classes={num_classes}){arg_text})',
+        f'    file="path/to/this/folder/model.safetensors", num_classes={num_classes}{overlay}){arg_text})',
+        "transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))",
     ])
     if not has_open_clip:
         return timm_code, ""
@@ -107,3 +116,8 @@ def load_snippets(folder_config: dict[str, Any], has_open_clip: bool) -> tuple[s
         'tokenizer = open_clip.get_tokenizer("local-dir:path/to/this/folder")',
     ])
     return timm_code, clip_code
+
+
+def _literal(value: Any) -> str:
+    """A config value as Python source (JSON lists of the config back to the tuples timm uses)."""
+    return repr(tuple(value)) if isinstance(value, list) else repr(value)

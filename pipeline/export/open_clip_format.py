@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.export.timm_format import save_safetensors
-from pipeline.fsutil import atomic_write_json
+from pipeline.checkpoint.files import save_safetensors
+from pipeline.core.fsutil import atomic_write_json
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"

@@ -1,4 +1,4 @@
-"""Write a complete export folder from a loaded training checkpoint: the model files (checked by reloading),
+"""Write a complete export folder from a training stage's checkpoint: the model files (checked by reloading),
 labels and preprocessing from the training config, the model card and ``SHA256SUMS``.
 
 Shared by the ``export`` stage and the ``finetune`` stage (which exports its own result the same way).
@@ -10,16 +10,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config.types import is_stage_ref, split_stage_ref
+from pipeline.core.config.types import is_stage_ref, split_stage_ref
+from pipeline.core.fsutil import atomic_write_text, sha256_file
+from pipeline.core.results import ResultsLog
+from pipeline.core.stage import StageContext
 from pipeline.data.manifest import MANIFEST_FILE, Manifest, ManifestError
-from pipeline.evaluation.results import RESULTS_FILE, ResultsLog
 from pipeline.export.checksums import write_checksums
-from pipeline.export.exporter import TrainedModel, write_export
+from pipeline.export.exporter import TrainedModel, load_trained_model, write_export
 from pipeline.export.model_card import CardFacts, kope_settings, load_snippets, render_card
 from pipeline.export.recipe import ModelRecipe
 from pipeline.export.timm_format import CONFIG_FILE, WEIGHTS_FILE
-from pipeline.fsutil import atomic_write_text, sha256_file
-from pipeline.stage import StageContext
+from pipeline.train.run import CHECKPOINTS
+from pipeline.train.settings import WeightsChoice
 
 CARD_FILE = "README.md"
 
@@ -49,14 +51,14 @@ def training_manifest(config: dict[str, Any], ctx: StageContext) -> tuple[Path |
 
 
 def recorded_metrics(ctx: StageContext, weights_sha256: str) -> dict[str, Any]:
-    """Top-1 of every evaluation in the run's ``results.jsonl`` of these weights."""
-    metrics = {}
-    for record in ResultsLog(ctx.run_dir / RESULTS_FILE).records():
+    """Top-1 of every evaluation in the run's ``results.jsonl`` of these weights (and of no others)."""
+    found = {}
+    for record in ResultsLog(ctx.run.results_file).records():
         metrics = record.get("metrics")
         top1 = metrics.get("top1") if isinstance(metrics, dict) else None
         if record.get("checkpoint_sha256") == weights_sha256 and isinstance(top1, int | float):
-            metrics[f"{record.get('protocol')} top-1 on {record.get('dataset')}"] = round(top1, 4)
-    return metrics
+            found[f"{record.get('protocol')} top-1 on {record.get('dataset')}"] = round(top1, 4)
+    return found
 
 
 def _card(trained: TrainedModel, recipe: ModelRecipe, folder: Path, ctx: StageContext, config: dict[str, Any],
@@ -115,3 +117,12 @@ def package_export(trained: TrainedModel, recipe: ModelRecipe, folder: Path, ctx
             "weights": trained.weights, "checkpoint": trained.checkpoint.tag,
             "steps": client.get("step", trained.checkpoint.global_steps), "samples_seen": client.get("samples_seen"),
             "sha256": files[WEIGHTS_FILE], "max_abs_diff": max(result.max_abs_diff.values())}
+
+
+def export_training_stage(source: Path, folder: Path, ctx: StageContext, *, tag: str | None = None,
+                          weights: WeightsChoice = "auto", training_metrics: dict[str, Any] | None = None,
+                          tolerance: float = 1e-5) -> dict[str, Any]:
+    """Export the checkpoint ``tag`` (default: latest) of the training stage folder ``source`` into ``folder``."""
+    recipe = ModelRecipe.load(source)
+    trained = load_trained_model(source / CHECKPOINTS, recipe, tag, weights)
+    return package_export(trained, recipe, folder, ctx, training_metrics=training_metrics, tolerance=tolerance)

@@ -1,12 +1,9 @@
-"""How to rebuild a trained model and where its weights sit in a checkpoint, from the training stage's
-``model.json``.
+"""How to rebuild a trained model, and which task trained it, from the training stage's ``model.json``.
 
-``model.json`` (written by the ``pretrain`` stage) names the exported model: ``library`` (``timm`` or
-``open_clip``), ``name`` and ``kwargs`` for the library's factory, and the ``mode`` that trained it. The
-mode fixes the checkpoint layout (:class:`WeightsLayout`): a supervised model is the engine module itself
-with its EMA in the task state; a DINO student holds the backbone under ``backbone.`` and the teacher lives
-in the task state; a CLIP model is the open_clip model, whose timm tower is ``visual.trunk``. A
-``layout`` object in ``model.json`` overrides these defaults.
+``model.json`` (written by training, :mod:`pipeline.train.run`) names the exported model: ``library`` (``timm``
+or ``open_clip``), ``name`` and ``kwargs`` for the library's factory, and the ``mode`` whose task trained it. The
+task class knows which of a checkpoint's weights are the model (its ``inference_weights``: the EMA, the DINO
+teacher's backbone, the CLIP model), so export asks it instead of knowing each mode's layout.
 """
 
 from __future__ import annotations
@@ -18,27 +15,26 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.errors import KopeError
-from pipeline.export.weights import WeightsLayout
+from pipeline.core.errors import KopeError
+from pipeline.train.run import MODEL_JSON as MODEL_FILE
+from pipeline.train.tasks import TASKS
 
-MODEL_FILE = "model.json"
-DEFAULT_LAYOUTS = {
-    "supervised": WeightsLayout(backbone_prefix="", averaged_path=("task", "ema"), averaged_name="ema"),
-    "dino": WeightsLayout(backbone_prefix="backbone.", averaged_path=("task", "teacher"), averaged_name="teacher"),
-    "clip": WeightsLayout(backbone_prefix="", averaged_path=(), averaged_name=""),
-}
 LIBRARIES = ("timm", "open_clip")
 
 
 @dataclass
 class ModelRecipe:
-    """A model's factory call and the checkpoint layout of the mode that trained it."""
+    """A model's factory call and the mode that trained it."""
 
     mode: str
     library: str
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-    layout: WeightsLayout = field(default_factory=WeightsLayout)
+
+    @property
+    def task(self) -> type:
+        """The task class that trained the model (it picks the exported weights from a checkpoint)."""
+        return TASKS[self.mode]
 
     @classmethod
     def load(cls, training_dir: Path) -> ModelRecipe:
@@ -54,8 +50,8 @@ class ModelRecipe:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = MODEL_FILE) -> ModelRecipe:
         mode, library, name = data.get("mode"), data.get("library"), data.get("name")
-        if mode not in DEFAULT_LAYOUTS:
-            raise KopeError(f"{source}: mode: expected one of {', '.join(DEFAULT_LAYOUTS)}, got {mode!r}")
+        if mode not in TASKS:
+            raise KopeError(f"{source}: mode: expected one of {', '.join(TASKS)}, got {mode!r}")
         if library not in LIBRARIES:
             raise KopeError(f"{source}: library: expected one of {', '.join(LIBRARIES)}, got {library!r}")
         if not isinstance(name, str) or not name:
@@ -63,8 +59,7 @@ class ModelRecipe:
         kwargs = data.get("kwargs") or {}
         if not isinstance(kwargs, dict):
             raise KopeError(f"{source}: kwargs: expected a mapping, got {kwargs!r}")
-        layout = WeightsLayout.from_dict(data["layout"]) if "layout" in data else DEFAULT_LAYOUTS[mode]
-        return cls(mode, library, name, dict(kwargs), layout)
+        return cls(mode, library, name, dict(kwargs))
 
     def build(self) -> nn.Module:
         """A freshly initialised model (never downloading or loading pretrained weights)."""

@@ -10,22 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.fsutil import atomic_path
+from pipeline.checkpoint.files import save_safetensors
+from pipeline.core.fsutil import atomic_path
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (temporary name, then rename); tensors are made contiguous."""
-    path = Path(path)
-    tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state_dict.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
 
 
 def write_timm_folder(

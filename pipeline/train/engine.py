@@ -18,9 +18,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from cluster.env import rank_info_from_env
-from cluster.executors import free_port
-from pipeline.logs import get_logger
+from pipeline.core.logs import get_logger
+from pipeline.core.ranks import free_port, rank_info_from_env
 from pipeline.train.optim import OptimSettings, build_optimizer
 from pipeline.train.param_groups import build_param_groups, describe_groups
 
@@ -54,7 +53,7 @@ class BatchPlan:
 def init_distributed(rank: int, world_size: int, local_rank: int) -> torch.device:
     """Join (or reuse) the process group through DeepSpeed and return this rank's device.
 
-    Whatever launched us (inline, local processes, torchrun, Slurm) is read by ``cluster.env``; a single
+    Whatever launched us (inline, local processes, torchrun, Slurm) is read by ``pipeline.core.ranks``; a single
     process without a launcher gets a free port, so concurrent runs on one machine do not collide.
     """
     import deepspeed

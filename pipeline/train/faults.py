@@ -5,8 +5,8 @@
   :class:`pipeline.train.optim.NonFiniteGuard` on the plain fp32 path) skip the update. Skipped steps are
   counted; ``max_nonfinite_in_a_row`` of them in a row stop the stage with :class:`NonFiniteLossError`
   before another checkpoint is written, so the last checkpoint holds the last good weights.
-* SIGTERM or SIGUSR1 (Slurm's warning before a time limit or preemption) sets a flag; at the next step
-  boundary every rank agrees to stop, a checkpoint is saved, and the stage raises :class:`Preempted`, which
+* A stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1: see :mod:`pipeline.core.signals`) sets a flag; at the next
+  step boundary every rank agrees to stop, a checkpoint is saved, and the stage raises :class:`Preempted`, which
   the stage process turns into exit status 75 (``EX_TEMPFAIL``: run it again to resume).
 """
 
@@ -15,33 +15,22 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pipeline.config.types import setting
-from pipeline.errors import KopeError
-
-PREEMPTED_EXIT_CODE = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from pipeline.core.errors import Interrupted, KopeError
+from pipeline.core.signals import STOP_SIGNALS
 
 
-class Preempted(KopeError):
+class Preempted(Interrupted):
     """The stage saved a checkpoint because it was asked to stop; running it again resumes from there."""
-
-    exit_code = PREEMPTED_EXIT_CODE
 
 
 class NonFiniteLossError(KopeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-@dataclass
-class FaultSettings:
-    max_nonfinite_in_a_row: int = setting(5, ge=1, help="stop after this many skipped (non-finite) steps in a row")
 
 
 def poison_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:

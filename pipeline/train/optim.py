@@ -9,27 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from timm.optim import Lamb
 
-from pipeline.config.types import setting
-
-
-@dataclass
-class OptimSettings:
-    """Optimizer, peak learning rate and weight decay, clipping, layer-wise and per-module lr scales."""
-
-    name: Literal["adamw", "lamb"] = setting("adamw", help="adamw (torch) or lamb (timm; ZeRO stage 0 only)")
-    lr: float = setting(1e-3, gt=0, help="peak learning rate (before schedule.lr_scaling)")
-    weight_decay: float = setting(0.05, ge=0, help="weight decay (decoupled) at step 0")
-    betas: tuple[float, float] = setting((0.9, 0.999), help="Adam/LAMB moment coefficients")
-    eps: float = setting(1e-8, gt=0, help="denominator epsilon")
-    grad_clip: float = setting(0.0, ge=0, help="clip the global gradient norm to this (0: off)")
-    layer_decay: float = setting(1.0, gt=0, le=1, help="layer-wise lr decay (1: off)")
-    lr_multipliers: dict[str, float] = setting(
-        default_factory=dict, help="lr factor per module path, e.g. {patch_embed: 0.2, coupling: 0.5}")
+from pipeline.train.settings import OptimSettings
 
 
 @dataclass

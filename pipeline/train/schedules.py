@@ -7,11 +7,13 @@ each step, times the group's ``lr_scale`` / ``wd_scale`` (see :mod:`pipeline.tra
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
-from pipeline.config.types import setting
+from pipeline.checkpoint.files import CheckpointError
+from pipeline.train.settings import ScheduleSettings
 
 
 def cosine(step: int, total_steps: int, start: float, end: float) -> float:
@@ -26,21 +28,6 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, s
     if step < warmup_steps:
         return start + (peak - start) * step / warmup_steps
     return cosine(step - warmup_steps, total_steps - warmup_steps, peak, end)
-
-
-@dataclass
-class ScheduleSettings:
-    """Learning-rate and weight-decay schedules (per optimizer step)."""
-
-    warmup_epochs: float = setting(0.0, ge=0, help="linear warm-up length in epochs (added to warmup_steps)")
-    warmup_steps: int = setting(0, ge=0, help="linear warm-up length in optimizer steps")
-    warmup_lr: float = setting(1e-6, ge=0, help="learning rate at step 0 of the warm-up")
-    min_lr: float = setting(1e-5, ge=0, help="learning rate at the last step (cosine end)")
-    weight_decay_end: float | None = setting(None, ge=0, help="weight decay at the last step (cosine from "
-                                                            "optim.weight_decay); null: constant")
-    lr_scaling: Literal["none", "linear", "sqrt"] = setting(
-        "none", help="scale optim.lr by (global batch / lr_reference_batch) or its square root")
-    lr_reference_batch: int = setting(256, ge=1, help="global batch at which optim.lr is given")
 
 
 @dataclass(frozen=True)
@@ -60,6 +47,18 @@ class StepSchedule:
 
     def weight_decay_at(self, step: int) -> float:
         return cosine(step, self.total_steps, self.weight_decay, self.weight_decay_end)
+
+    def state_dict(self) -> dict[str, float]:
+        """Nothing to restore (the schedule is a function of the step), but saved so a resume notices a run whose
+        length or peak changed underneath it (another dataset size, global batch or lr scaling)."""
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        changed = [f"{key}: {state[key]!r} -> {value!r}" for key, value in self.state_dict().items()
+                   if key in state and state[key] != value]
+        if changed:
+            raise CheckpointError(f"the checkpoint's schedule differs from this run's ({'; '.join(changed)}): the "
+                                  "dataset size or batch changed; restore them or start over")
 
 
 def scaled_lr(lr: float, settings: ScheduleSettings, global_batch: int) -> float:

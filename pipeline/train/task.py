@@ -5,15 +5,10 @@ is trained and how the loss is computed. Everything a task keeps outside the Dee
 (an EMA of the weights, a DINO teacher and centres) goes through ``state_dict``/``load_state_dict`` into
 the checkpoint's client state, so resume is exact.
 
-A task class is built by the ``pretrain`` stage as
-``TaskClass(mode_settings, model=, model_kwargs=, data_dir=, loader=, seed=, total_steps=, zero_stage=)``:
-``mode_settings`` is its own settings dataclass (the stage's ``supervised:``, ``dino:`` or ``clip:`` block),
-``model`` a timm or open_clip model name with ``model_kwargs``, ``data_dir`` the sharded dataset,
-``loader`` a :class:`pipeline.data.loaders.LoaderSettings` whose ``batch_size`` is the per-rank
-micro-batch, ``total_steps`` the number of optimizer steps of the whole run (for schedules the task
-owns, such as a teacher momentum), ``zero_stage`` DeepSpeed's ZeRO stage (refuse the ones you cannot
-support with a one-line ``ValueError`` saying which to use). A task raises ``ValueError`` with one line
-for any setting it cannot honour.
+A task is built by a stage adapter from its mode's settings block (``supervised:``, ``dino:`` or ``clip:``), the
+model to train, the resolved data folder, the loader settings (``batch_size`` is the per-rank micro-batch) and the
+seed (see :func:`pipeline.train.tasks.create_task`); rules between settings are checked when the config is loaded
+(:mod:`pipeline.train.settings`), so a task raises ``ValueError`` only for what needs the data or the model.
 
 The module DeepSpeed wraps may define timm's ``no_weight_decay()`` (names excluded from weight decay, on
 top of every 1-d parameter) and ``group_matcher()`` (layer groups for layer-wise lr decay, as timm models
@@ -41,6 +36,10 @@ class Task(Protocol):
     """One training mode."""
 
     name: str
+
+    def begin(self, total_steps: int) -> None:
+        """Called once, before ``build_module``, with the run's length in optimizer steps (for schedules the task
+        owns, such as a teacher momentum)."""
 
     def build_module(self) -> nn.Module:
         """The module DeepSpeed wraps and partitions (student + heads, or the whole CLIP model). Called once,
@@ -80,3 +79,11 @@ class Task(Protocol):
         """Named tensors of the model downstream teams get, as a timm (or open_clip) state dict: EMA or
         teacher weights where they exist. Called on every rank inside a context that gathers ZeRO-3
         parameters; the stage writes them to ``model.safetensors``."""
+
+    @staticmethod
+    def inference_weights(module_state: Mapping[str, torch.Tensor], task_state: Mapping[str, Any],
+                          choice: str) -> tuple[dict[str, torch.Tensor], str]:
+        """The same choice from a consolidated checkpoint, for export: from the engine module's fp32 state dict
+        and this task's saved ``state_dict``, the model's state dict (as ``model_spec`` builds it) and what it is
+        (``trained``, ``ema``, ``teacher``). ``choice``: ``auto`` (the averaged copy when kept), ``averaged``
+        (require it) or ``trained``."""

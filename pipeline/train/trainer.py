@@ -10,23 +10,24 @@ as an uninterrupted one, so on CPU with fixed thread counts its weights are bitw
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pipeline.config.diff import changed_settings
-from pipeline.fsutil import canonical_json, sha256_text
+from pipeline.checkpoint.store import Checkpointer, code_version
+from pipeline.core.identity import identity_hash
 from pipeline.train import rng
-from pipeline.train.checkpoint import Checkpointer, CheckpointError, code_version
 from pipeline.train.engine import BatchPlan, set_schedule
 from pipeline.train.faults import NonFiniteCounter, Preempted, StopRequest, poison_if_nonfinite
 from pipeline.train.metrics import MeanWindow, Throughput, count_flops, peak_flops
 from pipeline.train.schedules import StepSchedule
+from pipeline.train.state import Progress, RngState, RunMeters
 from pipeline.train.task import Task
 from pipeline.train.tensorboard import ScalarLog
 
@@ -51,10 +52,15 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
 
 
 class Trainer:
-    """Runs ``task`` on ``engine`` from the latest checkpoint (or step 0) to ``settings.total_steps``."""
+    """Runs ``task`` on ``engine`` from the latest checkpoint (or step 0) to ``settings.total_steps``.
+
+    Its checkpointed state is a dictionary of named parts (:attr:`parts`, the same on every rank, and
+    :attr:`per_rank`), each with ``state_dict`` / ``load_state_dict``; the engine's own files hold the weights and
+    optimizer state. ``identity`` (see :mod:`pipeline.core.identity`) must match a checkpoint to resume it.
+    """
 
     def __init__(self, task: Task, engine: Any, loader: Any, plan: BatchPlan, schedule: StepSchedule,
-                 checkpointer: Checkpointer, settings: LoopSettings, config: dict[str, Any],
+                 checkpointer: Checkpointer, settings: LoopSettings, identity: dict[str, Any],
                  scalars: ScalarLog, log: logging.Logger, rank: int):
         self.task = task
         self.engine = engine
@@ -63,22 +69,26 @@ class Trainer:
         self.schedule = schedule
         self.checkpointer = checkpointer
         self.settings = settings
-        self.config = config
-        self.config_hash = sha256_text(canonical_json(config))
+        self.identity = identity
         self.code_version = code_version()
         self.scalars = scalars
         self.log = log
         self.rank = rank
-        self.step = 0
+        self.progress = Progress()
         self.nonfinite = NonFiniteCounter(settings.max_nonfinite_in_a_row)
+        self.meters = RunMeters(MeanWindow(engine.device), rank)
+        self.rng = RngState()
         self.stop = StopRequest()
         self.throughput = Throughput()
         self.peak = peak_flops(engine.device)
         self.flops_per_sample: float | None = None
-        self.window = MeanWindow(engine.device)
-        self._rng_state: dict[str, Any] | None = None
-        self.first_loss: float | None = None
-        self.last_loss: float | None = None
+        self.parts = {"progress": self.progress, "task": task, "loader": loader, "schedule": schedule,
+                      "faults": self.nonfinite, "meters": self.meters}
+        self.per_rank = {"rng": self.rng}
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
 
     # --- resume -------------------------------------------------------------------------------------------
 
@@ -88,30 +98,18 @@ class Trainer:
         if tag is None:
             rng.seed_all(_rank_seed(self.settings.seed, self.rank, 0))
             return 0
-        meta = self.checkpointer.check_resumable(tag, self.engine.zero_optimization_stage())
-        if meta.get("config_hash") != self.config_hash:
-            changes = "; ".join(changed_settings(meta.get("config", {}), self.config)) or "unknown"
-            raise CheckpointError(f"{self.checkpointer.directory / tag}: written with other settings ({changes}); "
-                                  "restore them, or delete the checkpoints folder to start over")
+        meta = self.checkpointer.check_resumable(tag, self.engine.zero_optimization_stage(), self.identity)
         if meta["world_size"] != self.plan.world_size:
             self.log.warning("resuming %s, written by %d ranks, on %d: the sample stream continues where it stopped, "
                              "but not bit for bit", tag, meta["world_size"], self.plan.world_size)
-        client, rng_state = self.checkpointer.load(self.engine, tag)
-        self.loader.load_state_dict(client["loader"])
-        self.task.load_state_dict(client["task"])
-        self.nonfinite.load_state_dict(client["faults"])
-        self.first_loss = client.get("first_loss")
-        self.window.load_totals(client.get("log_window", {}), keep=self.rank == 0)
-        self.step = int(client["step"])
-        if client.get("code_version") != self.code_version:
-            self.log.warning("resuming a checkpoint written by %s with %s", client.get("code_version"),
+        has_rng = self.checkpointer.load(self.engine, tag, self.parts, self.per_rank)
+        if meta.get("code_version") != self.code_version:
+            self.log.warning("resuming a checkpoint written by %s with %s", meta.get("code_version"),
                              self.code_version)
-        if rng_state is None:
+        if not has_rng:
             self.log.warning("rank %d has no generator state in %s (another rank count): drawing fresh ones, so "
                              "this run will not repeat the original bit for bit", self.rank, tag)
             rng.seed_all(_rank_seed(self.settings.seed, self.rank, self.step))
-        else:
-            self._rng_state = rng_state
         if self.rank == 0:
             self.log.info("resumed from %s (step %d, epoch %d, %d samples into it)", tag, self.step,
                           self.loader.epoch, self.loader.samples_consumed)
@@ -120,12 +118,11 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Train to the last step; raises Preempted (after saving) on SIGTERM/SIGUSR1."""
+        """Train to the last step; raises Preempted (after saving) on a stop signal."""
         total = self.settings.total_steps
         batches = _micro_batches(self.loader)
         saved = self.step if self.checkpointer.latest() else -1
-        if self._rng_state is not None:
-            rng.restore(self._rng_state)
+        self.rng.apply()
         with self.stop.installed():
             while self.step < total:
                 self._train_step(batches)
@@ -142,9 +139,9 @@ class Trainer:
         if saved != self.step:
             self.save()
         self.scalars.flush()
-        summary = {"steps": self.step, "samples_seen": self.step * self.plan.global_batch,
+        summary = {"steps": self.step, "samples_seen": self.progress.samples_seen,
                    "skipped_steps": self.nonfinite.total}
-        losses = {"first_loss": self.first_loss, "last_loss": self.last_loss}
+        losses = {"first_loss": self.meters.first_loss, "last_loss": self.meters.last_loss}
         return summary | {name: value for name, value in losses.items() if value is not None}
 
     def _train_step(self, batches: Iterator[Any]) -> None:
@@ -167,23 +164,23 @@ class Trainer:
         skipped = engine.skipped_steps > skipped_before
         if not skipped:
             self.task.after_optimizer_step(engine, step)
-        self.step = step + 1
+        self.progress.step = step + 1
+        self.progress.samples_seen += self.plan.global_batch
         self.throughput.add(self.plan.global_batch, time.perf_counter() - started, data_s)
         self.nonfinite.record(self.step, skipped)
 
     def _forward_backward(self, batch: Any, step: int) -> None:
         loss, metrics = self.task.compute_loss(self.engine, batch, step)
         self.engine.backward(poison_if_nonfinite(loss))
-        self.window.add(loss, metrics)
+        self.meters.window.add(loss, metrics)
 
     # --- logging and saving -------------------------------------------------------------------------------
 
     def _report(self) -> None:
         engine = self.engine
-        means = self.window.means()
+        means = self.meters.window.means()
         if "loss" in means:
-            self.last_loss = means["loss"]
-            self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
+            self.meters.logged(means["loss"])
         norm = engine.get_global_grad_norm()
         optim = {"lr": self.schedule.lr(self.step - 1), "weight_decay": self.schedule.weight_decay_at(self.step - 1),
                  "skipped_steps": float(self.nonfinite.total)}
@@ -206,16 +203,10 @@ class Trainer:
                           speed["img_per_s"], speed["step_s"], speed["data_wait_s"], mfu, _duration(eta_s))
 
     def save(self) -> None:
-        client = {
-            "step": self.step, "samples_seen": self.step * self.plan.global_batch, "loader": self.loader.state_dict(),
-            "task": self.task.state_dict(), "faults": self.nonfinite.state_dict(), "config_hash": self.config_hash,
-            "code_version": self.code_version, "batch_plan": asdict(self.plan), "first_loss": self.first_loss,
-            "log_window": self.window.totals(),
-        }
-        meta = {"config": self.config, "config_hash": self.config_hash}
+        meta = {"identity": self.identity, "identity_hash": identity_hash(self.identity),
+                "code_version": self.code_version, "batch_plan": dataclasses.asdict(self.plan)}
         with rng.isolated():
-            state = rng.capture()
-            tag = self.checkpointer.save(self.engine, self.step, client, state, meta)
+            tag = self.checkpointer.save(self.engine, self.step, self.parts, self.per_rank, meta)
         if self.rank == 0:
             self.log.info("checkpoint %s saved", tag)
 

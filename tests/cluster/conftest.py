@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.run_state import RunState
+from pipeline.core.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "cluster" / "slurm" / "local-slurm.sh"
@@ -92,4 +92,4 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, inter
 
 
 def read_state(run_dir: Path, name: str):
-    return RunState(run_dir).read(name)
+    return RunDir(run_dir).read(name)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.profile import PROFILE_DIR, load_profile, resolve_torchrun
-from pipeline.cli import main
-from pipeline.errors import ConfigError
+from pipeline.core.cli import main
+from pipeline.core.cluster_profile import PROFILE_DIR, load_profile, resolve_torchrun
+from pipeline.core.errors import ConfigError
 
 
 def write(tmp_path: Path, doc: dict, name: str = "mine.yaml") -> str:

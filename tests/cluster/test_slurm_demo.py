@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from cluster.slurm_state import query_jobs
-from pipeline.evaluation.results import RESULTS_FILE, ResultsLog
-from pipeline.run_state import RunState
+from pipeline.core.results import ResultsLog
+from pipeline.core.run_dir import RunDir
 from tests.cluster.conftest import REPO, read_state
 from tests.cluster.test_slurm_pipeline import PROFILE, job_of, kope, submission_script
 
@@ -32,7 +32,7 @@ def test_demo_pipeline_on_slurm_with_a_two_node_pretraining(kope_env, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     stages = yaml.safe_load(DEMO.read_text())["stages"]
-    states = RunState(run_dir)
+    states = RunDir(run_dir)
     assert sorted(states.stage_names()) == sorted(stages)
     assert all(states.read(name).status == "done" for name in stages)
     jobs = {name: job_of(run_dir, name) for name in stages}
@@ -51,7 +51,7 @@ def test_demo_pipeline_on_slurm_with_a_two_node_pretraining(kope_env, tmp_path):
     assert all("done" in rows[name] and "COMPLETED" in rows[name] for name in stages)
     assert "zeroshot_top1=" in rows["evaluate_clip"] and "knn_top1=" in rows["evaluate_dino"]
 
-    recorded = {(record["stage"], record["protocol"]) for record in ResultsLog(run_dir / RESULTS_FILE).records()}
+    recorded = {(record["stage"], record["protocol"]) for record in ResultsLog(RunDir(run_dir).results_file).records()}
     expected = {(name, protocol) for name, block in stages.items() if block["kind"] == "evaluate"
                 for protocol in block["protocols"]}
     assert recorded == expected

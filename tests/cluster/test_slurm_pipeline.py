@@ -23,7 +23,7 @@ JOB_TIMEOUT_S = 600
 
 
 def kope(env: dict, *args: str, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.core.cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 

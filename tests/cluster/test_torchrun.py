@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.executors import free_port
+from pipeline.core.ranks import free_port
 from tests.cluster.conftest import read_state, stage
 from tests.train.helpers import assert_same_tensors, exported_weights, train_env
 from tests.train.helpers import write_pipeline as write_training_pipeline
@@ -29,7 +29,7 @@ def run_dir_files(run_dir: Path) -> set[str]:
 def run_on_two_nodes(pipeline: Path, env: dict[str, str], expected_code: int = 0) -> list[str]:
     """``kope run PIPELINE --cluster torchrun`` as node 0 and node 1, meeting at a rendezvous on 127.0.0.1."""
     common = {**env, "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}"}
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(pipeline), "--cluster", "torchrun"]
+    cmd = [sys.executable, "-m", "pipeline.core.cli", "run", str(pipeline), "--cluster", "torchrun"]
     nodes = [subprocess.Popen(cmd, env={**common, "PET_NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in (1, 0)]
     outputs = [node.communicate(timeout=TIMEOUT_S)[0] for node in nodes]
@@ -77,7 +77,7 @@ def test_pretrain_on_two_torchrun_nodes_trains_like_two_local_processes(pretrain
 def test_local_profile_runs_each_stage_as_its_processes(write_pipeline, kope_env, tmp_path):
     report_dir = tmp_path / "reports"
     path = write_pipeline({"probe": {**stage("probe", report_dir=str(report_dir)), "launch": {"nproc": 2}}})
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path), "--cluster", "local"],
+    done = subprocess.run([sys.executable, "-m", "pipeline.core.cli", "run", str(path), "--cluster", "local"],
                           env=kope_env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     assert [(r["rank"], r["world_size"], r["all_reduce"]) for r in reports(report_dir, 2)] == [(0, 2, 3.0),

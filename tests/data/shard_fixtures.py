@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.stage import StageContext
+from pipeline.core.stage import StageContext
 
 
 def picture(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:

@@ -20,6 +20,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.data.manifest import Manifest
+from pipeline.data.settings import DataCompShardSettings
 from stages import shard_datacomp
 from tests.data.shard_fixtures import jpeg, stage_context
 
@@ -92,7 +93,7 @@ def test_download_counts_http_failures_and_shards_the_rest(tmp_path):
         np.save(tmp_path / "subset.npy", subset)
 
         ctx = stage_context(tmp_path, "shard_datacomp", {"demo_data": tmp_path})
-        settings = shard_datacomp.Settings(
+        settings = DataCompShardSettings(
             source="@demo_data/datacomp", serve_local=True, uid_subset=str(tmp_path / "subset.npy"),
             samples_per_shard=5, download_shard_size=10, timeout_s=1.0, thread_count=4, workers=1,
             extra_columns=["clip_score"])

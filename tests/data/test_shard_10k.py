@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from pipeline.data.manifest import Manifest
+from pipeline.data.settings import ImageNetShardSettings
 from stages import shard_imagenet
 from tests.data.shard_fixtures import make_imagenet_tree, stage_context
 
@@ -16,7 +17,7 @@ from tests.data.shard_fixtures import make_imagenet_tree, stage_context
 def test_ten_thousand_images_with_planted_bad_files(tmp_path):
     expected = make_imagenet_tree(tmp_path / "imagenet", classes=100, train_per_class=100, val_per_class=1, plant=8)
     ctx = stage_context(tmp_path, "shard_imagenet")
-    settings = shard_imagenet.Settings(source=str(tmp_path / "imagenet"), samples_per_shard=500, workers=2)
+    settings = ImageNetShardSettings(source=str(tmp_path / "imagenet"), samples_per_shard=500, workers=2)
     outputs = shard_imagenet.run(settings, ctx)
     report = json.loads((ctx.out_dir / "report.json").read_text())
     for split in ("train", "val"):

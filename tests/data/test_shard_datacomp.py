@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.core.errors import KopeError
 from pipeline.data.datacomp_source import BadShardError
 from pipeline.data.manifest import Manifest
-from pipeline.errors import KopeError
+from pipeline.data.settings import DataCompShardSettings
 from stages import shard_datacomp
 from tests.data.shard_fixtures import (
     cmyk_jpeg,
@@ -94,7 +95,7 @@ def subset_file(path: Path, excluded: set[str], form: str = "structured") -> Pat
 def run_stage(tmp_path: Path, source: Path, **settings) -> tuple[dict, Path]:
     ctx = stage_context(tmp_path, "shard_datacomp")
     settings = {"mode": "reshard", "samples_per_shard": 4, "workers": 1, **FILTERS, **settings}
-    outputs = shard_datacomp.run(shard_datacomp.Settings(source=str(source), **settings), ctx)
+    outputs = shard_datacomp.run(DataCompShardSettings(source=str(source), **settings), ctx)
     return outputs, ctx.out_dir
 
 
@@ -173,7 +174,7 @@ def test_array_tasks_write_their_range_and_run_finishes(tmp_path):
     make_input(source)
     _, reference = run_stage(tmp_path / "reference", source)
     ctx = stage_context(tmp_path / "array", "shard_datacomp")
-    settings = shard_datacomp.Settings(source=str(source), mode="reshard", samples_per_shard=4, workers=1, **FILTERS)
+    settings = DataCompShardSettings(source=str(source), mode="reshard", samples_per_shard=4, workers=1, **FILTERS)
     shard_datacomp.run_part(settings, ctx, 2, 3)
     assert [p.name for p in (ctx.out_dir / "train").glob("*.tar")] == ["000002.tar"]
     shard_datacomp.run(settings, ctx)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from pipeline.data.imagenet_source import SourceError
 from pipeline.data.manifest import Manifest
+from pipeline.data.settings import ImageNetShardSettings
 from stages import shard_imagenet
 from tests.data.shard_fixtures import jpeg, make_imagenet_tree, read_tar, stage_context
 
@@ -21,7 +22,7 @@ from tests.data.shard_fixtures import jpeg, make_imagenet_tree, read_tar, stage_
 def run_stage(tmp_path: Path, source: Path, **settings) -> tuple[dict, Path]:
     ctx = stage_context(tmp_path, "shard_imagenet")
     settings = {"samples_per_shard": 7, "workers": 1, **settings}
-    outputs = shard_imagenet.run(shard_imagenet.Settings(source=str(source), **settings), ctx)
+    outputs = shard_imagenet.run(ImageNetShardSettings(source=str(source), **settings), ctx)
     return outputs, ctx.out_dir
 
 
@@ -112,7 +113,7 @@ def test_array_tasks_write_their_shards_and_run_finishes_the_rest(tmp_path):
     make_imagenet_tree(source, plant=0, train_per_class=10)
     _, reference = run_stage(tmp_path / "reference", source, splits=["train"])
     ctx = stage_context(tmp_path / "array", "shard_imagenet")
-    settings = shard_imagenet.Settings(source=str(source), splits=["train"], samples_per_shard=7, workers=1)
+    settings = ImageNetShardSettings(source=str(source), splits=["train"], samples_per_shard=7, workers=1)
     shard_imagenet.run_part(settings, ctx, 1, 3)
     train = ctx.out_dir / "train"
     assert sorted(p.name for p in train.glob("*.tar")) == ["000001.tar", "000004.tar"]

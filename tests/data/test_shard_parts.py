@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.demo_data import DemoSpec, make_demo_data
-from pipeline.stage import StageContext
+from pipeline.core.stage import StageContext
+from pipeline.data.demo_data import DemoSpec, make_demo_data
+from pipeline.data.settings import ImageNetShardSettings
 from stages import shard_imagenet
 
 
@@ -23,7 +24,7 @@ def shard_bytes(out_dir: Path) -> dict[str, bytes]:
 
 def test_array_parts_then_run_equal_a_single_run(tmp_path):
     root = make_demo_data(tmp_path / "demo", DemoSpec(seed=1, train_per_class=1, val_per_class=1, captioned=1))
-    settings = shard_imagenet.Settings(source="@demo/imagenet", samples_per_shard=20, workers=1)
+    settings = ImageNetShardSettings(source="@demo/imagenet", samples_per_shard=20, workers=1)
     whole = context(tmp_path / "whole", root)
     shard_imagenet.run(settings, whole)
     parted = context(tmp_path / "parted", root)

@@ -8,6 +8,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.data.manifest import Manifest
+from pipeline.data.settings import ImageNetShardSettings
 from stages import shard_imagenet
 from tests.data.shard_fixtures import make_imagenet_tree, stage_context
 
@@ -17,7 +18,7 @@ def dataset(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("readers")
     make_imagenet_tree(tmp_path / "imagenet", train_per_class=9)
     ctx = stage_context(tmp_path, "shard_imagenet")
-    settings = shard_imagenet.Settings(source=str(tmp_path / "imagenet"), splits=["train"], samples_per_shard=8,
+    settings = ImageNetShardSettings(source=str(tmp_path / "imagenet"), splits=["train"], samples_per_shard=8,
                                        workers=1)
     shard_imagenet.run(settings, ctx)
     return ctx.out_dir / "train"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.data.settings import ImageNetShardSettings
 from stages import shard_imagenet
 from tests.data.shard_fixtures import make_imagenet_tree, stage_context
 
@@ -24,7 +25,7 @@ SETTINGS = {"splits": ["train"], "samples_per_shard": 5, "resize_shorter": 96, "
 
 def run_inline(tmp_path: Path, source: Path, **extra) -> Path:
     ctx = stage_context(tmp_path, "shard_imagenet")
-    shard_imagenet.run(shard_imagenet.Settings(source=str(source), **{**SETTINGS, **extra}), ctx)
+    shard_imagenet.run(ImageNetShardSettings(source=str(source), **{**SETTINGS, **extra}), ctx)
     return ctx.out_dir
 
 
@@ -45,10 +46,11 @@ def test_killed_run_reruns_to_identical_shards(tmp_path, source):
     killed = tmp_path / "killed"
     script = textwrap.dedent(f"""
         from pathlib import Path
+        from pipeline.data.settings import ImageNetShardSettings
         from stages import shard_imagenet
         from tests.data.shard_fixtures import stage_context
         ctx = stage_context(Path({str(killed)!r}), "shard_imagenet")
-        shard_imagenet.run(shard_imagenet.Settings(source={str(source)!r}, **{SETTINGS!r}), ctx)
+        shard_imagenet.run(ImageNetShardSettings(source={str(source)!r}, **{SETTINGS!r}), ctx)
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env)

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
+from pipeline.checkpoint.files import CheckpointError
 from pipeline.export.exporter import load_trained_model
 from pipeline.export.recipe import ModelRecipe
-from pipeline.export.safe_load import CheckpointError
 from tests.train.helpers import REPO, train_env
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,8 @@ def test_export_stage_fails_with_the_file_in_its_error_line(source, tmp_path):
     pipeline = tmp_path / "export.yaml"
     pipeline.write_text(yaml.safe_dump({"name": "export", "run_dir": str(tmp_path / "run"),
                                         "stages": {"export": {"kind": "export", "source": str(source)}}}))
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(pipeline)], cwd=REPO, env=train_env(),
+    result = subprocess.run([sys.executable, "-m", "pipeline.core.cli", "run", str(pipeline)],
+                            cwd=REPO, env=train_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]

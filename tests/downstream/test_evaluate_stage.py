@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
+from pipeline.core.results import ResultsLog
 from pipeline.evaluation.exported import load_export
-from pipeline.evaluation.results import ResultsLog
 from pipeline.evaluation.zeroshot import zero_shot_weights
 from tests.train.helpers import REPO, train_env
 
@@ -46,7 +46,7 @@ def test_headline_outputs_records_and_analysis_files(downstream_run):
 
 
 def test_kope_status_shows_the_headline_metrics(downstream_run):
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(downstream_run)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "pipeline.core.cli", "status", str(downstream_run)], cwd=REPO,
                             env=train_env(), capture_output=True, text=True, timeout=120)
     line = next(line for line in result.stdout.splitlines() if line.startswith("evaluate_finetuned"))
     assert "knn_top1=" in line and "linear_top1=" in line
@@ -79,7 +79,7 @@ def run_evaluate_stage(block: dict, run_dir: Path, tmp_path: Path) -> subprocess
     pipeline = tmp_path / "evaluate.yaml"
     pipeline.write_text(yaml.safe_dump({"name": "evaluate", "run_dir": str(run_dir), "executor": "inline",
                                         "stages": {"evaluate": block}}))
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(pipeline)], cwd=REPO, env=train_env(),
+    return subprocess.run([sys.executable, "-m", "pipeline.core.cli", "run", str(pipeline)], cwd=REPO, env=train_env(),
                           capture_output=True, text=True, timeout=600)
 
 

@@ -132,13 +132,16 @@ def test_finetune_starts_from_the_export_and_exports_a_classifier(downstream_run
 
 
 def test_the_clip_vision_tower_is_a_finetuning_init(downstream_run):
-    from stages.finetune import init_model
+    from stages.finetune import backbone
 
-    name, fixed, norm = init_model(downstream_run / "export_clip")
-    assert name == f"local-dir:{(downstream_run / 'export_clip').resolve()}" and fixed == {}
+    model, norm = backbone(downstream_run / "export_clip", {})
+    config = json.loads((downstream_run / "export_clip" / "config.json").read_text())
+    assert model.name == config["architecture"] and model.init == downstream_run / "export_clip"
     assert norm["mean"] == pytest.approx(open_clip.OPENAI_DATASET_MEAN)  # the tower's own normalisation
-    model = timm.create_model(name, pretrained=True, num_classes=90, img_size=64)
+    built = model.create(num_classes=90, img_size=64)
     tower = load_file(downstream_run / "export_clip" / "model.safetensors")
-    state = model.state_dict()
+    state = built.state_dict()
     assert set(state) == set(tower) | {"head.weight", "head.bias"}
     assert all(torch.equal(state[key], tower[key]) for key in tower)
+    spec = model.spec(num_classes=90, img_size=64)  # rebuilt without the export folder
+    assert set(timm.create_model(spec["name"], **spec["kwargs"]).state_dict()) == set(state)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from pipeline.config.loader import load_pipeline
+from pipeline.core.config.loader import load_pipeline
 from tests.train.helpers import REPO
 
 RECIPE = REPO / "configs" / "recipes" / "finetune.yaml"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.errors import KopeError
-from pipeline.evaluation.results import ResultsLog, evaluation_id
+from pipeline.core.errors import KopeError
+from pipeline.core.results import ResultsLog, evaluation_id
 
 
 def test_identity_changes_with_weights_protocol_settings_and_data():

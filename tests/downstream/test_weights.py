@@ -1,4 +1,4 @@
-"""Choosing the exported weights (trained or averaged), the backbone prefix, and strict loading errors."""
+"""Which weights a checkpoint exports, as each task decides (trained, EMA, DINO teacher), and strict loading."""
 
 from __future__ import annotations
 
@@ -6,35 +6,41 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.checkpoint.files import CheckpointError
 from pipeline.export.exporter import load_into
-from pipeline.export.safe_load import CheckpointError
-from pipeline.export.weights import WeightsLayout, backbone_state_dict, select_weights
-
-LAYOUT = WeightsLayout(backbone_prefix="backbone.", averaged_path=("task", "teacher"), averaged_name="teacher")
+from pipeline.train.tasks import ClipTask, DinoTask, SupervisedTask
 
 
-def trained() -> dict[str, torch.Tensor]:
-    return {"backbone.w": torch.ones(2), "backbone.steps": torch.tensor([3]), "head.w": torch.zeros(1)}
+def student() -> dict[str, torch.Tensor]:
+    return {"backbone.w": torch.ones(2), "backbone.steps": torch.tensor([3]), "dino_head.w": torch.zeros(1)}
 
 
-def test_auto_takes_the_averaged_copy_and_completes_unaveraged_integer_buffers():
-    client = {"task": {"teacher": {"module.backbone.w": torch.full((2,), 5.0), "module.head.w": torch.ones(1)}}}
-    weights, name = select_weights(trained(), client, LAYOUT, "auto")
-    assert name == "teacher"
-    assert weights["backbone.w"].tolist() == [5.0, 5.0] and weights["backbone.steps"].tolist() == [3]
-    assert backbone_state_dict(weights, LAYOUT.backbone_prefix).keys() == {"w", "steps"}
-
-
-def test_without_an_averaged_copy_auto_falls_back_and_averaged_refuses():
-    assert select_weights(trained(), {"task": {}}, LAYOUT, "auto")[1] == "trained"
-    with pytest.raises(CheckpointError, match="no averaged weights at task/teacher"):
-        select_weights(trained(), {"task": {}}, LAYOUT, "averaged")
-
-
-def test_an_averaged_copy_of_another_model_is_refused():
-    client = {"task": {"teacher": {"other.w": torch.ones(2)}}}
+def test_supervised_ema_replaces_the_averaged_tensors_and_keeps_integer_buffers():
+    trained = {"w": torch.ones(2), "steps": torch.tensor([3])}
+    weights, name = SupervisedTask.inference_weights(trained, {"ema": {"w": torch.full((2,), 5.0)}}, "auto")
+    assert name == "ema" and weights["w"].tolist() == [5.0, 5.0] and weights["steps"].tolist() == [3]
+    assert SupervisedTask.inference_weights(trained, {"ema": None}, "auto")[1] == "trained"
+    with pytest.raises(CheckpointError, match="kept no EMA"):
+        SupervisedTask.inference_weights(trained, {"ema": None}, "averaged")
     with pytest.raises(CheckpointError, match="do not match"):
-        select_weights(trained(), client, LAYOUT, "auto")
+        SupervisedTask.inference_weights(trained, {"ema": {"other.w": torch.ones(2)}}, "auto")
+
+
+def test_dino_exports_the_teacher_backbone_whatever_the_student_checkpoint_holds():
+    teacher = {"backbone.w": torch.full((2,), 5.0), "backbone.steps": torch.tensor([3]),
+               "dino_head.w": torch.ones(1), "dino_head.frozen_gain": torch.ones(1)}
+    weights, name = DinoTask.inference_weights(student(), {"teacher": teacher}, "auto")
+    assert name == "teacher" and set(weights) == {"w", "steps"} and weights["w"].tolist() == [5.0, 5.0]
+    trained, name = DinoTask.inference_weights(student(), {"teacher": teacher}, "trained")
+    assert name == "trained" and trained["w"].tolist() == [1.0, 1.0]
+    with pytest.raises(CheckpointError, match="holds no teacher"):
+        DinoTask.inference_weights(student(), {}, "averaged")
+
+
+def test_clip_keeps_no_averaged_copy():
+    assert ClipTask.inference_weights({"w": torch.ones(1)}, {}, "auto")[1] == "trained"
+    with pytest.raises(CheckpointError, match="keeps no averaged weights"):
+        ClipTask.inference_weights({"w": torch.ones(1)}, {}, "averaged")
 
 
 def test_load_into_restores_scalar_shapes_and_names_mismatches():

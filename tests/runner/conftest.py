@@ -36,4 +36,4 @@ def subprocess_env() -> dict:
 
 @pytest.fixture
 def kope_cmd() -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli"]
+    return [sys.executable, "-m", "pipeline.core.cli"]

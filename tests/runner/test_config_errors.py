@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
+from pipeline.core.cli import main
 from tests.runner.conftest import TOY, toy
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import yaml
 
-from pipeline.cli import main
-from pipeline.config.loader import load_pipeline
+from pipeline.core.cli import main
+from pipeline.core.config.loader import load_pipeline
 from tests.runner.conftest import TOY, toy
 
 

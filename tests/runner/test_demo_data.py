@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.demo_data import DemoSpec, class_pairs, make_demo_data, wnid
+from pipeline.data.demo_data import DemoSpec, class_pairs, make_demo_data, wnid
 
 SMALL = DemoSpec(seed=3, train_per_class=2, val_per_class=1, captioned=30)
 

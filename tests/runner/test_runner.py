@@ -6,14 +6,16 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.cli import main
-from pipeline.run_lock import RunLock
-from pipeline.run_state import RunState
+from pipeline.core.cli import main
+from pipeline.core.run_dir import RunDir
+from pipeline.core.run_lock import RunLock
 from tests.runner.conftest import toy
 
 
@@ -23,7 +25,7 @@ def order(tmp_path: Path) -> list[str]:
 
 
 def status(tmp_path: Path, stage: str) -> str:
-    return RunState(tmp_path / "run").read(stage).status
+    return RunDir(tmp_path / "run").read(stage).status
 
 
 @pytest.fixture
@@ -40,9 +42,9 @@ def test_runs_in_dependency_order_then_skips(diamond, tmp_path, capsys):
     ran = order(tmp_path)
     assert sorted(ran) == ["a", "b", "c", "d", "e"]
     assert ran.index("a") < ran.index("b") < ran.index("d") and ran.index("c") < ran.index("d")
-    state = RunState(tmp_path / "run").read("b")
+    state = RunDir(tmp_path / "run").read("b")
     assert state.status == "done" and state.outputs == {"value": 2, "upstream": 1}
-    assert state.inputs["@a"] == RunState(tmp_path / "run").read("a").fingerprint
+    assert state.inputs["@a"] == RunDir(tmp_path / "run").read("a").fingerprint
     assert state.started_at and state.ended_at and state.duration_s is not None
     assert main(["run", str(diamond)]) == 0
     assert len(order(tmp_path)) == 5, "a second run must not run anything again"
@@ -57,7 +59,7 @@ def test_changed_config_stops_and_names_key_until_forced(diamond, tmp_path, caps
     assert len(order(tmp_path)) == 5
     assert main(["run", str(diamond), "b.value=20", "--force", "b"]) == 0
     assert order(tmp_path)[5:] == ["b", "d"], "forcing b re-runs b and its dependents only"
-    assert RunState(tmp_path / "run").read("d").inputs["@b"] == RunState(tmp_path / "run").read("b").fingerprint
+    assert RunDir(tmp_path / "run").read("d").inputs["@b"] == RunDir(tmp_path / "run").read("b").fingerprint
 
 
 def test_changed_external_input_is_detected(write_pipeline, tmp_path, capsys):
@@ -92,7 +94,7 @@ def test_failure_leaves_dependents_pending_and_exits_nonzero(write_pipeline, tmp
     assert "failed stages: b: RuntimeError: planted failure in b" in err
     assert status(tmp_path, "b") == "failed" and status(tmp_path, "c") == "pending"
     assert status(tmp_path, "e") == "done", "independent stages still run"
-    state = RunState(tmp_path / "run").read("b")
+    state = RunDir(tmp_path / "run").read("b")
     assert "planted failure" in (tmp_path / "run" / state.traceback).read_text()
     assert main(["status", str(tmp_path / "run")]) == 0
     table = capsys.readouterr().out
@@ -128,7 +130,7 @@ def test_stale_lock_of_killed_run_is_taken_over(write_pipeline, tmp_path, subpro
                            capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "ended without releasing the lock" in rerun.stderr
-    state = RunState(tmp_path / "run").read("slow")
+    state = RunDir(tmp_path / "run").read("slow")
     assert state.status == "done" and state.attempt == 2
     assert order(tmp_path) == ["slow", "slow", "after"]
 
@@ -152,17 +154,17 @@ def test_a_failure_on_another_rank_fails_the_stage_with_its_traceback(write_pipe
     proc = subprocess.run([*kope_cmd, "run", str(path)], env=subprocess_env, capture_output=True, text=True)
     assert proc.returncode == 1
     assert "kope: stage a failed: RuntimeError: planted failure in a" in proc.stderr
-    state = RunState(tmp_path / "run").read("a")
+    state = RunDir(tmp_path / "run").read("a")
     assert state.status == "failed" and "rank*.traceback.txt" in state.error
     assert "planted failure" in (tmp_path / "run" / "logs" / "a.rank1.traceback.txt").read_text()
     assert status(tmp_path, "b") != "done"
 
 
 def test_status_puts_headline_metrics_first(tmp_path):
-    from pipeline.run_state import StageState
-    from pipeline.status import format_status
+    from pipeline.core.run_state import StageState
+    from pipeline.core.status import format_status
 
-    run_state = RunState(tmp_path)
+    run_state = RunDir(tmp_path)
     state = StageState("finetune", "finetune")
     state.outputs = {"steps": 280, "samples_seen": 8960, "export": "finetune/export", "loss": 2.377812345,
                      "val_top5": 0.5333333, "val_top1": 0.1366667, "histogram": [1, 2]}
@@ -172,3 +174,33 @@ def test_status_puts_headline_metrics_first(tmp_path):
     assert line.split()[:2] == ["finetune", "done"]
     assert line.split("  ")[-1].strip().startswith("val_top1=0.1367 export=finetune/export loss=2.378 ")
     assert "histogram" not in line
+
+
+def test_a_launch_reads_its_snapshot_not_the_latest_config(write_pipeline, tmp_path, subprocess_env):
+    """What a queued job runs is fixed when it is launched: a later `kope run` writes a new snapshot and a new
+    config.yaml, and the old snapshot (which the job names) stays as it was."""
+    path = write_pipeline({"a": toy(1)})
+    assert main(["run", str(path)]) == 0
+    run = RunDir(tmp_path / "run")
+    first = run.read("a").config
+    assert first.startswith("snapshots/config-") and (run.root / first).is_file()
+    assert main(["run", str(path), "a.value=2", "--force", "a"]) == 0
+    second = run.read("a").config
+    assert second != first and yaml.safe_load((run.root / first).read_text())["stages"]["a"]["value"] == 1
+    assert yaml.safe_load(run.config_file.read_text())["stages"]["a"]["value"] == 2
+    done = subprocess.run([sys.executable, "-m", "pipeline.core.stage_main", str(run.root), "a", "--config", first],
+                          env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert run.read("a").outputs["value"] == 1 and run.read("a").config == first
+    assert main(["run", str(path)]) == 0
+    assert sorted(p.name for p in run.snapshot_dir.iterdir()) == sorted({Path(first).name, Path(second).name}), \
+        "the same config names the same snapshot"
+
+
+def test_force_starts_the_stage_over_in_an_empty_folder(write_pipeline, tmp_path):
+    path = write_pipeline({"a": toy(1)})
+    assert main(["run", str(path)]) == 0
+    leftover = tmp_path / "run" / "a" / "leftover.txt"
+    leftover.write_text("from the earlier run")
+    assert main(["run", str(path), "--force", "a"]) == 0
+    assert not leftover.exists() and (tmp_path / "run" / "a" / "result.json").exists()

@@ -7,8 +7,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from pipeline.config.types import InputPath, setting
-from pipeline.stage import StageContext
+from pipeline.core.config.types import InputPath, setting
+from pipeline.core.stage import StageContext
 
 
 @dataclass

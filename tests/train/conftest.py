@@ -20,7 +20,7 @@ def shards(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def one_rank(monkeypatch) -> None:
     """This process as a process group of one (DeepSpeed reads the torchrun variables)."""
-    from cluster.executors import free_port
+    from pipeline.core.ranks import free_port
 
     use_shared_torch_extensions()
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():

@@ -39,7 +39,7 @@ def train_env(**extra: str) -> dict[str, str]:
     """Environment of training subprocesses: one thread per rank (bitwise reproducible on CPU), the shared
     extensions folder, the repository importable, and a rendezvous port of their own (this test process may
     hold the one in its environment)."""
-    from cluster.executors import free_port
+    from pipeline.core.ranks import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **extra}
     env.setdefault("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS_DIR)
@@ -50,8 +50,8 @@ def train_env(**extra: str) -> dict[str, str]:
 def demo_shards(root: Path, train_per_class: int = 1, val_per_class: int = 1) -> dict[str, Path]:
     """The demo's two-digit images (90 classes) sharded by the real ``make_demo_data`` and ``shard_imagenet``
     stages, run in this process; returns the ``train`` and ``val`` dataset folders."""
-    from pipeline.config.loader import load_pipeline
-    from pipeline.runner import run_pipeline
+    from pipeline.core.config.loader import load_pipeline
+    from pipeline.core.runner import run_pipeline
 
     stages = {
         "demo_data": {"kind": "make_demo_data", "train_per_class": train_per_class, "val_per_class": val_per_class,
@@ -91,9 +91,11 @@ def write_pipeline(root: Path, stages: dict[str, Any], executor: str = "local", 
     return path
 
 
-def kope_run(pipeline: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-    """``kope run PIPELINE`` in a subprocess (stdout and stderr captured)."""
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(pipeline)], cwd=REPO, env=train_env(**env),
+def kope_run(pipeline: Path, timeout: float = 600, extra_args: list[str] = (), **env: str
+             ) -> subprocess.CompletedProcess:
+    """``kope run PIPELINE [EXTRA_ARGS]`` in a subprocess (stdout and stderr captured)."""
+    return subprocess.run([sys.executable, "-m", "pipeline.core.cli", "run", str(pipeline), *extra_args],
+                          cwd=REPO, env=train_env(**env),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -115,7 +117,8 @@ def latest_step(run_dir: Path, stage: str = STAGE) -> int:
 def kill_after_checkpoint(pipeline: Path, run_dir: Path, step: int, stage: str = STAGE, timeout: float = 600) -> int:
     """Start ``kope run``, SIGKILL it and its rank processes as soon as checkpoint ``step`` (or a later one) is
     ``latest``; returns the latest step at the kill. Fails if the run ended before."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(pipeline)], cwd=REPO, env=train_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.core.cli", "run", str(pipeline)],
+                            cwd=REPO, env=train_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
@@ -159,9 +162,9 @@ def exported_weights(run_dir: Path, stage: str = STAGE) -> dict[str, torch.Tenso
 
 def checkpoint_weights(run_dir: Path, stage: str = STAGE) -> dict[str, torch.Tensor]:
     """The wrapped module's weights in the stage's latest checkpoint (consolidated for ZeRO)."""
-    from pipeline.train.checkpoint import module_state_dict
+    from pipeline.checkpoint.consolidate import module_weights
 
-    return module_state_dict(run_dir / stage / "checkpoints")
+    return module_weights(run_dir / stage / "checkpoints")
 
 
 def assert_same_tensors(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
@@ -172,26 +175,29 @@ def assert_same_tensors(expected: dict[str, torch.Tensor], actual: dict[str, tor
 
 
 def stage_settings(block: dict[str, Any]) -> Any:
-    """``stages.pretrain.Settings`` from a stage block, through the same validation as a pipeline file."""
-    from pipeline.config.validate import ValidationContext, build_dataclass
-    from stages.pretrain import Settings
+    """The ``pretrain`` stage's settings from a stage block, through the same validation as a pipeline file."""
+    from pipeline.core.config.validate import ValidationContext, build_dataclass
+    from pipeline.train.settings import PretrainSettings
 
     body = {key: value for key, value in block.items() if key not in ("kind", "launch", "needs")}
-    return build_dataclass(Settings, body, ("stages", STAGE), ValidationContext(lambda path: "test"))
+    return build_dataclass(PretrainSettings, body, ("stages", STAGE), ValidationContext(lambda path: "test"))
 
 
 def run_stage_here(block: dict[str, Any], run_dir: Path, stage: str = STAGE, rank: int = 0,
                    world_size: int = 1) -> dict[str, Any]:
     """Run the ``pretrain`` stage in this process (the process group must match ``rank``/``world_size``)."""
-    from pipeline.logs import get_logger
-    from pipeline.stage import StageContext
+    from pipeline.core.identity import stage_identity
+    from pipeline.core.logs import get_logger
+    from pipeline.core.stage import StageContext
     from stages import pretrain
 
     out_dir = Path(run_dir) / stage
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(name=stage, run_dir=Path(run_dir), out_dir=out_dir, seed=0, log=get_logger(stage), rank=rank,
-                       world_size=world_size, local_rank=rank)
-    return pretrain.run(stage_settings(block), ctx)
+    settings = stage_settings(block)
+    identity = stage_identity("pretrain", settings, 0)
+    ctx = StageContext(name=stage, run_dir=Path(run_dir), out_dir=out_dir, seed=identity["seed"],
+                       log=get_logger(stage), rank=rank, world_size=world_size, local_rank=rank, identity=identity)
+    return pretrain.run(settings, ctx)
 
 
 def rewind_to_checkpoint(run_dir: Path, step: int, stage: str = STAGE) -> None:

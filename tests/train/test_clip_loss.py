@@ -17,7 +17,7 @@ BATCH, DIM, SCALE = 4, 8, 14.0
 
 def clip_task(local_loss: bool) -> ClipTask:
     return ClipTask(ClipSettings(local_loss=local_loss), model="ViT-KoPE-Ti-16-64", model_kwargs={},
-                    data_dir=".", loader=LoaderSettings(), seed=0, total_steps=1, zero_stage=0)
+                    data_dir=".", loader=LoaderSettings(), seed=0)
 
 
 def features(world_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,8 +29,8 @@ MODEL = "ViT-KoPE-Ti-16-64"
 
 def captioned_demo_shards(root: Path, captioned: int = 64) -> Path:
     """The demo's captioned set through the real ``make_demo_data`` and ``shard_datacomp`` stages, in this process."""
-    from pipeline.config.loader import load_pipeline
-    from pipeline.runner import run_pipeline
+    from pipeline.core.config.loader import load_pipeline
+    from pipeline.core.runner import run_pipeline
 
     stages = {
         "demo_data": {"kind": "make_demo_data", "train_per_class": 1, "val_per_class": 1, "captioned": captioned},

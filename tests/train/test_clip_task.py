@@ -27,10 +27,9 @@ def captions(tmp_path_factory):
                          image_size=(80, 72))
 
 
-def clip_task(data_dir=".", zero_stage: int = 0) -> ClipTask:
+def clip_task(data_dir=".") -> ClipTask:
     return ClipTask(ClipSettings(), model=MODEL, model_kwargs={}, data_dir=data_dir,
-                    loader=LoaderSettings(batch_size=BATCH, num_workers=0), seed=0, total_steps=1,
-                    zero_stage=zero_stage)
+                    loader=LoaderSettings(batch_size=BATCH, num_workers=0), seed=0)
 
 
 def engine_for(task: ClipTask, zero_stage: int, precision: str = "fp32", logit_scale: float | None = None):
@@ -59,7 +58,7 @@ def test_loader_follows_the_model_config(captions):
 @pytest.mark.parametrize(("zero_stage", "precision"), [(0, "fp32"), (0, "bf16"), (1, "fp32"), (2, "fp32"),
                                                        (3, "fp32")])
 def test_logit_scale_is_clamped_in_master_and_working_copies(captions, zero_stage, precision):
-    task = clip_task(captions, zero_stage)
+    task = clip_task(captions)
     engine = engine_for(task, zero_stage, precision, logit_scale=math.log(150.0))
     tolerance = 0.05 if precision == "bf16" else 1e-6  # bf16 holds ln(150) to about 2 %
     loss, metrics = task.compute_loss(engine, first_batch(task), step=0)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cluster.executors import free_port
+from pipeline.core.ranks import free_port
 from pipeline.train.losses.dino import Centering, DinoLoss, cross_view_cross_entropy, teacher_temperature
 from pipeline.train.losses.ibot import IbotLoss, masked_patch_cosine_loss, masked_patch_weights
 from pipeline.train.losses.phase_alignment import phase_alignment_loss

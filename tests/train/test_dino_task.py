@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 
+from pipeline.core.errors import ConfigError
 from pipeline.data.loaders import LoaderSettings
 from pipeline.data.transforms import DinoAugSettings
 from pipeline.train.engine import BatchPlan, build_engine, init_distributed
@@ -27,10 +28,11 @@ def dino_settings(**overrides) -> DinoSettings:
     return DinoSettings(**fields)
 
 
-def dino_task(total_steps: int = 4, zero_stage: int = 0, model_kwargs: dict | None = None, **overrides) -> DinoTask:
-    return DinoTask(dino_settings(**overrides), model="vit_kope_tiny_patch16_224", model_kwargs=model_kwargs or TINY,
-                    data_dir=".", loader=LoaderSettings(batch_size=BATCH), seed=0, total_steps=total_steps,
-                    zero_stage=zero_stage)
+def dino_task(total_steps: int = 4, model_kwargs: dict | None = None, **overrides) -> DinoTask:
+    task = DinoTask(dino_settings(**overrides), model="vit_kope_tiny_patch16_224", model_kwargs=model_kwargs or TINY,
+                    data_dir=".", loader=LoaderSettings(batch_size=BATCH), seed=0)
+    task.begin(total_steps)
+    return task
 
 
 def engine_for(task: DinoTask, zero_stage: int = 0, lr: float = 1e-3):
@@ -60,9 +62,12 @@ def train_steps(task: DinoTask, engine, steps: int) -> list[float]:
     return losses
 
 
-def test_zero_stage_3_is_refused_with_one_line():
-    with pytest.raises(ValueError, match=r"supports ZeRO stages 0, 1 and 2, not 3.*set zero_stage: 2") as error:
-        dino_task(zero_stage=3)
+def test_zero_stage_3_is_refused_when_the_config_is_loaded():
+    from tests.train.helpers import stage_settings
+
+    with pytest.raises(ConfigError, match=r"stages.pretrain.zero_stage: mode dino supports ZeRO stages 0, 1 and 2.*"
+                                          r"set zero_stage: 2") as error:
+        stage_settings({"data": ".", "mode": "dino", "steps": 1, "zero_stage": 3})
     assert "\n" not in str(error.value)
 
 

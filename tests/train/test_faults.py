@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.checkpoint.consolidate import module_weights
+from pipeline.checkpoint.layout import read_latest
+from pipeline.core.errors import INTERRUPTED_EXIT_CODE
 from pipeline.train import tasks
-from pipeline.train.checkpoint import module_state_dict, read_latest
-from pipeline.train.faults import PREEMPTED_EXIT_CODE, NonFiniteLossError, Preempted
+from pipeline.train.faults import NonFiniteLossError, Preempted
 from pipeline.train.tasks.supervised import SupervisedTask
 from tests.train.helpers import (
     REPO,
@@ -48,7 +50,7 @@ def faulty_task(nan_steps: tuple[int, ...] = (), nan_from: int | None = None,
 
 
 def checkpoint(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return module_state_dict(run_dir / "pretrain" / "checkpoints", f"step_{step:08d}")
+    return module_weights(run_dir / "pretrain" / "checkpoints", f"step_{step:08d}")
 
 
 @pytest.mark.parametrize(("zero_stage", "precision"), [(0, "fp32"), (0, "bf16"), (2, "fp32")])
@@ -73,7 +75,7 @@ def test_nonfinite_streak_stops_with_last_good_checkpoint_latest(shards, tmp_pat
     assert "\n" not in str(error.value)
     directory = tmp_path / "pretrain" / "checkpoints"
     assert read_latest(directory) == "step_00000004", "no checkpoint after the streak ended the run"
-    assert_same_tensors(checkpoint(tmp_path, 3), module_state_dict(directory))
+    assert_same_tensors(checkpoint(tmp_path, 3), module_weights(directory))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
@@ -88,7 +90,7 @@ def test_stop_signal_saves_a_checkpoint_and_the_rerun_ends_exactly(shards, tmp_p
         patch.setitem(tasks.TASKS, "supervised", faulty_task(signal_at=(2, signum)))
         with pytest.raises(Preempted, match=f"{signum.name} received: saved a checkpoint at step 3") as stop:
             run_stage_here(block, interrupted)
-    assert stop.value.exit_code == PREEMPTED_EXIT_CODE == 75
+    assert stop.value.exit_code == INTERRUPTED_EXIT_CODE == 75
     assert read_latest(interrupted / "pretrain" / "checkpoints") == "step_00000003"
     assert signal.getsignal(signum) == handler, "the stage restores the previous handler"
 
@@ -106,7 +108,7 @@ def save_then_die(obj, f, *args, **kwargs):
     if "step_00000004" in str(f):
         os.kill(os.getpid(), signal.SIGKILL)
 torch.save = save_then_die
-from pipeline.cli import main
+from pipeline.core.cli import main
 sys.exit(main(["run", sys.argv[1]]))
 """
 
@@ -124,7 +126,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_latest(shards, tmp
     assert (directory / "step_00000004").is_dir(), "the kill hit the save of checkpoint 4"
     assert not (directory / "step_00000004" / "meta.json").exists()
     assert read_latest(directory) == "step_00000002"
-    assert module_state_dict(directory), "the previous checkpoint loads"
+    assert module_weights(directory), "the previous checkpoint loads"
 
     resumed = kope_run(pipeline)  # every run in a fresh process, as a user would resume
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pipeline.train.faults import PREEMPTED_EXIT_CODE
+from pipeline.core.errors import INTERRUPTED_EXIT_CODE
 from tests.train.helpers import (
     REPO,
     assert_same_tensors,
@@ -39,7 +39,7 @@ def rank_process(run_dir: Path, rank: int) -> int:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        ours = b"pipeline.stage_main" in cmdline and str(run_dir).encode() in cmdline
+        ours = b"pipeline.core.stage_main" in cmdline and str(run_dir).encode() in cmdline
         if ours and f"RANK={rank}".encode() in environ:
             return int(entry.name)
     raise AssertionError(f"no stage process of rank {rank} for {run_dir}")
@@ -47,7 +47,8 @@ def rank_process(run_dir: Path, rank: int) -> int:
 
 def stop_one_rank_after_checkpoint(pipeline: Path, run_dir: Path, step: int) -> subprocess.CompletedProcess:
     """``kope run``; once checkpoint ``step`` is latest, SIGTERM rank 1 alone; wait for the run to end."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(pipeline)], cwd=REPO, env=train_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.core.cli", "run", str(pipeline)],
+                            cwd=REPO, env=train_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while latest_step(run_dir) < step:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -66,10 +67,10 @@ def test_two_ranks_stopped_killed_and_resumed_end_bitwise_equal(shards, tmp_path
     pipeline = write_pipeline(tmp_path / "interrupted", stages)
     run_dir = tmp_path / "interrupted" / "run"
     stopped = stop_one_rank_after_checkpoint(pipeline, run_dir, 2)
-    assert stopped.returncode == 1
-    assert f"process exit codes [{PREEMPTED_EXIT_CODE}, {PREEMPTED_EXIT_CODE}]" in stopped.stderr
+    assert stopped.returncode == INTERRUPTED_EXIT_CODE
+    assert f"process exit codes [{INTERRUPTED_EXIT_CODE}, {INTERRUPTED_EXIT_CODE}]" in stopped.stderr
     state = yaml.safe_load((run_dir / "state" / "pretrain.json").read_text())
-    assert state["status"] == "failed" and state["error"].startswith("Preempted: SIGTERM received")
+    assert state["status"] == "interrupted" and state["error"].startswith("Preempted: SIGTERM received")
     stopped_at = latest_step(run_dir)
     assert 2 < stopped_at < 12, "rank 0 stopped with rank 1 at a later step boundary and saved"
 

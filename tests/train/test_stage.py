@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -10,11 +11,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import pipeline.models  # noqa: F401  (registers vit_kope_*)
-from pipeline.data.loaders import LoaderSettings
-from pipeline.train.checkpoint import CheckpointError
-from pipeline.train.engine import BatchPlan
-from pipeline.train.tasks.supervised import SupervisedSettings, SupervisedTask
-from stages.pretrain import total_steps
+from pipeline.checkpoint.files import CheckpointError
+from pipeline.core.errors import ConfigError
+from pipeline.train.run import run_length
+from pipeline.train.tasks.supervised import SupervisedTask, TimmModel
 from tests.train.helpers import (
     TINY_KOPE,
     exported_weights,
@@ -66,26 +66,33 @@ def test_resume_refuses_changed_training_settings_and_accepts_changed_checkpoint
 
 
 def test_length_from_steps_epochs_or_samples():
-    plan = BatchPlan.derive(global_batch=16, per_rank=4, world_size=2)
-    data = "/"
-    assert total_steps(stage_settings({"data": data, "steps": 7}), plan, steps_per_epoch=10) == 7
-    assert total_steps(stage_settings({"data": data, "epochs": 3}), plan, steps_per_epoch=10) == 15
-    assert total_steps(stage_settings({"data": data, "samples": 100}), plan, steps_per_epoch=10) == 6
-    with pytest.raises(ValueError, match=r"set exactly one of steps, epochs, samples \(got \['steps', 'epochs'\]\)"):
-        total_steps(stage_settings({"data": data, "steps": 7, "epochs": 1}), plan, steps_per_epoch=10)
-    with pytest.raises(ValueError, match="less than one optimizer step"):
-        total_steps(stage_settings({"data": data, "samples": 10}), plan, steps_per_epoch=10)
+    loader = {"batch_size": 4, "samples_per_epoch": 80}  # 10 micro-steps of 4 x 2 ranks per epoch
+
+    def length(**length: float) -> int:
+        settings = stage_settings({"data": "/", "global_batch_size": 16, "loader": loader, **length})
+        return run_length(settings, Path("/"), world_size=2).total_steps
+
+    assert length(steps=7) == 7
+    assert length(epochs=3) == 15
+    assert length(samples=100) == 6
+    with pytest.raises(ConfigError, match=r"stages.pretrain.epochs: set exactly one of steps, epochs, samples "
+                                          r"\(got steps, epochs\)"):
+        length(steps=7, epochs=1)
+    with pytest.raises(ConfigError, match="stages.pretrain.samples: 10 is less than one optimizer step"):
+        length(samples=10)
 
 
-def test_supervised_task_refuses_ema_under_zero3_and_odd_mixup_batches(shards):
-    common = {"model": "vit_kope_tiny_patch16_224", "model_kwargs": {}, "data_dir": shards["train"], "seed": 0,
-              "total_steps": 10}
-    with pytest.raises(ValueError, match="ema_decay > 0 needs zero_stage 0, 1 or 2"):
-        SupervisedTask(SupervisedSettings(), loader=LoaderSettings(batch_size=4), zero_stage=3, **common)
-    with pytest.raises(ValueError, match="loader.batch_size 3 must be even"):
-        SupervisedTask(SupervisedSettings(), loader=LoaderSettings(batch_size=3), zero_stage=0, **common)
-    task = SupervisedTask(SupervisedSettings(ema_decay=0.0), loader=LoaderSettings(batch_size=4), zero_stage=3,
-                          **common)
+def test_ema_under_zero3_and_odd_mixup_batches_are_config_errors(shards):
+    block = {"data": str(shards["train"]), "steps": 1, "global_batch_size": 4, "loader": {"batch_size": 4}}
+    with pytest.raises(ConfigError, match="stages.pretrain.supervised.ema_decay: an EMA of the weights needs "
+                                          "zero_stage 0, 1 or 2"):
+        stage_settings({**block, "zero_stage": 3})
+    with pytest.raises(ConfigError, match="stages.pretrain.loader.batch_size: Mixup/CutMix pairs images within a "
+                                          "batch: 3 must be even"):
+        stage_settings({**block, "global_batch_size": 3, "loader": {"batch_size": 3}})
+    settings = stage_settings({**block, "zero_stage": 3, "supervised": {"ema_decay": 0.0}})
+    task = SupervisedTask(settings.supervised, model=TimmModel("vit_kope_tiny_patch16_224"),
+                          data_dir=shards["train"], loader=settings.loader, seed=0)
     assert task.num_classes == 90 and task.model_spec()["kwargs"]["num_classes"] == 90
 
 

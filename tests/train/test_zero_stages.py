@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cluster.executors import free_port
-from pipeline.train.checkpoint import CheckpointError
+from pipeline.checkpoint.files import CheckpointError
+from pipeline.core.ranks import free_port
 from tests.train.helpers import (
     REPO,
     assert_same_tensors,

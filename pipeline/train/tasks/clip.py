@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +24,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.config.types import setting
-from pipeline.data.loaders import LoaderSettings, ResumableLoader
+from pipeline.checkpoint.files import CheckpointError
+from pipeline.data.loaders import ResumableLoader
 from pipeline.data.loaders_samples import clip_samples
+from pipeline.data.settings import LoaderSettings
 from pipeline.data.transforms import ClipAugSettings
 from pipeline.models.clip import register_open_clip_configs
 from pipeline.train.engine import forward_precision, gathered_parameters
 from pipeline.train.metrics import kope_metrics
 from pipeline.train.scalar_params import restore_scalars, vectorize_scalar_parameters_
+from pipeline.train.settings import ClipSettings, WeightsChoice
 
 PROBE_IMAGES = 8
-
-
-@dataclass
-class ClipSettings:
-    """The contrastive objective; the model's image size and context length come from its open_clip config."""
-
-    local_loss: bool = setting(True, help="each rank scores its own rows against all ranks' features "
-                                          "(same gradient, less memory); false: every rank the full matrix")
-    crop_scale: tuple[float, float] = (0.9, 1.0)
-    max_logit_scale: float = setting(100.0, gt=1, help="upper clamp of the learnt logit scale (1/temperature)")
 
 
 @torch.no_grad()
@@ -69,9 +60,7 @@ class ClipTask:
     name = "clip"
 
     def __init__(self, settings: ClipSettings, *, model: str, model_kwargs: Mapping[str, Any],
-                 data_dir: str | Path, loader: LoaderSettings, seed: int, total_steps: int, zero_stage: int):
-        """``total_steps`` and ``zero_stage`` are part of the task contract; CLIP needs neither (every stage
-        works)."""
+                 data_dir: str | Path, loader: LoaderSettings, seed: int):
         self.settings = settings
         self.model = model
         self.model_kwargs = dict(model_kwargs)
@@ -81,6 +70,9 @@ class ClipTask:
         self._loss: nn.Module | None = None
         self._probe: torch.Tensor | None = None
         self.scalar_names: set[str] = set()
+
+    def begin(self, total_steps: int) -> None:
+        """Nothing depends on the run's length."""
 
     def model_spec(self) -> dict[str, Any]:
         return {"library": "open_clip", "name": self.model, "kwargs": dict(self.model_kwargs)}
@@ -162,3 +154,11 @@ class ClipTask:
         named = ((name, tensor.detach().float() if tensor.is_floating_point() else tensor.detach())
                  for name, tensor in engine.module.state_dict().items())
         return restore_scalars(named, self.scalar_names)
+
+    @staticmethod
+    def inference_weights(module_state: Mapping[str, torch.Tensor], task_state: Mapping[str, Any],
+                          choice: WeightsChoice) -> tuple[dict[str, torch.Tensor], str]:
+        """The whole open_clip model, as trained: CLIP training keeps no averaged copy."""
+        if choice == "averaged":
+            raise CheckpointError("weights: averaged requested, but CLIP training keeps no averaged weights")
+        return dict(module_state), "trained"

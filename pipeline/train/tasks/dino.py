@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
-from pipeline.config.types import setting
-from pipeline.data.loaders import LoaderSettings, ResumableLoader
+from pipeline.checkpoint.files import CheckpointError
+from pipeline.data.loaders import ResumableLoader
 from pipeline.data.loaders_samples import dino_samples
-from pipeline.data.transforms import DinoAugSettings
+from pipeline.data.settings import LoaderSettings
 from pipeline.models import kope_vit  # noqa: F401  (registers the vit_kope_* models)
 from pipeline.models.heads import DINOHead
 from pipeline.train.engine import forward_precision
@@ -45,35 +44,11 @@ from pipeline.train.losses.simdino import SimDinoLoss
 from pipeline.train.metrics import kope_metrics
 from pipeline.train.scalar_params import restore_scalars, vectorize_scalar_parameters_
 from pipeline.train.schedules import cosine
+from pipeline.train.settings import DinoSettings, WeightsChoice
 
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
+BACKBONE_PREFIX = "backbone."
 GLOBAL_CROPS = 2
 PROBE_IMAGES = 8
-
-
-@dataclass
-class DinoSettings:
-    """The self-supervised recipe (SimDINOv2 style); defaults are the paper's values."""
-
-    objective: Literal["simdino", "dino"] = setting(
-        "simdino", help="CLS loss: simdino (coding rate, the paper's recipe) or dino (centring + sharpening)")
-    head_layers: int = setting(3, ge=1, help="projection head depth")
-    head_hidden_dim: int = setting(2048, ge=1, help="projection head width")
-    head_bottleneck_dim: int = setting(256, ge=1, help="projection head output (simdino's feature size)")
-    prototypes: int = setting(65536, ge=1, help="dino objective: prototype scores after the bottleneck")
-    ibot_weight: float = setting(1.0, ge=0, help="iBOT masked-patch loss weight (0: no masking, no patch loss)")
-    ibot_separate_head: bool = setting(False, help="a head of its own for patch tokens (else the CLS head)")
-    phase_alignment_weight: float = setting(0.0, ge=0, help="KoPE phase-alignment loss weight (0: off)")
-    coding_rate_eps: float = setting(0.05, gt=0, help="simdino: coding-rate precision eps")
-    compression_weight: float = setting(1.0, ge=0, help="simdino: weight of the student-teacher similarity")
-    student_temp: float = setting(0.1, gt=0, help="dino: student softmax temperature")
-    teacher_temp: float = setting(0.07, gt=0, help="dino: teacher temperature after the warm-up")
-    warmup_teacher_temp: float = setting(0.04, gt=0, help="dino: teacher temperature at step 0")
-    teacher_temp_warmup: float = setting(0.3, ge=0, le=1, help="dino: fraction of training to warm it up over")
-    center_momentum: float = setting(0.9, ge=0, lt=1, help="dino: EMA momentum of the teacher centres")
-    momentum_start: float = setting(0.9, ge=0, le=1, help="teacher EMA momentum at step 0")
-    momentum_end: float = setting(1.0, ge=0, le=1, help="teacher EMA momentum at the last step (cosine)")
-    aug: DinoAugSettings = field(default_factory=DinoAugSettings)
 
 
 @torch.no_grad()
@@ -177,19 +152,14 @@ class DinoTask:
     name = "dino"
 
     def __init__(self, settings: DinoSettings, *, model: str, model_kwargs: Mapping[str, Any],
-                 data_dir: str | Path, loader: LoaderSettings, seed: int, total_steps: int, zero_stage: int):
-        if zero_stage not in SUPPORTED_ZERO_STAGES:
-            raise ValueError(
-                f"mode dino supports ZeRO stages 0, 1 and 2, not {zero_stage}: its EMA teacher is updated from the "
-                "full student weights, which ZeRO-3 partitions across ranks; set zero_stage: 2"
-            )
+                 data_dir: str | Path, loader: LoaderSettings, seed: int):
         self.settings = settings
         self.model = model
         self.model_kwargs = dict(model_kwargs)
         self.data_dir = Path(data_dir)
         self.loader_settings = loader
         self.seed = seed
-        self.total_steps = total_steps
+        self.total_steps = 1
         self.teacher: DinoStudent | None = None
         self.scalar_names: set[str] = set()
         self.momentum = settings.momentum_start
@@ -202,6 +172,10 @@ class DinoTask:
         else:
             self.cls_loss = SimDinoLoss(settings.coding_rate_eps, settings.compression_weight)
             self.patch_loss = None
+
+    def begin(self, total_steps: int) -> None:
+        """The teacher momentum and temperature schedules run over the whole run."""
+        self.total_steps = total_steps
 
     @property
     def uses_masks(self) -> bool:
@@ -318,3 +292,21 @@ class DinoTask:
         """The teacher's backbone (timm state-dict names): the weights DINO-style methods evaluate."""
         named = ((name, tensor.detach()) for name, tensor in self._teacher().backbone.state_dict().items())
         return restore_scalars(named, self.scalar_names)
+
+    @staticmethod
+    def inference_weights(module_state: Mapping[str, torch.Tensor], task_state: Mapping[str, Any],
+                          choice: WeightsChoice) -> tuple[dict[str, torch.Tensor], str]:
+        """From a consolidated checkpoint: the teacher's backbone (``auto``, ``averaged``) or the student's, as a
+        timm state dict; and which it is. The teacher holds every tensor itself, frozen ones included, whatever
+        the ZeRO stage saved of the student."""
+        if choice == "trained":
+            source, name = module_state, "trained"
+        else:
+            source, name = task_state.get("teacher") or {}, "teacher"
+            if not source:
+                raise CheckpointError("the checkpoint's DINO state holds no teacher")
+        backbone = {key.removeprefix(BACKBONE_PREFIX): tensor for key, tensor in source.items()
+                    if key.startswith(BACKBONE_PREFIX)}
+        if not backbone:
+            raise CheckpointError(f"no weights below {BACKBONE_PREFIX!r} in the checkpoint's {name} weights")
+        return {key: tensor.float() if tensor.is_floating_point() else tensor for key, tensor in backbone.items()}, name

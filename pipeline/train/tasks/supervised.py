@@ -10,37 +10,27 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import timm
 import torch
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from pipeline.config.types import InputPath, setting
-from pipeline.data.loaders import LoaderSettings, ResumableLoader
+from pipeline.checkpoint.files import CheckpointError
+from pipeline.data.loaders import ResumableLoader
 from pipeline.data.loaders_samples import supervised_samples
 from pipeline.data.manifest import Manifest
-from pipeline.data.transforms import SupervisedAugSettings, make_mixup
+from pipeline.data.settings import LoaderSettings
+from pipeline.data.transforms import make_mixup
 from pipeline.models import kope_vit  # noqa: F401  (registers the vit_kope_* models)
 from pipeline.train.ema import ModelEma
 from pipeline.train.engine import forward_precision, gathered_parameters
 from pipeline.train.metrics import kope_metrics
 from pipeline.train.scalar_params import restore_scalars, vectorize_scalar_parameters_
+from pipeline.train.settings import SupervisedSettings, WeightsChoice
 
 PROBE_IMAGES = 8
-
-
-@dataclass
-class SupervisedSettings:
-    """Loss, EMA and augmentation of supervised training; defaults are the paper's DeiT-III recipe."""
-
-    loss: Literal["bce", "ce"] = setting("bce", help="bce (DeiT-III) or ce (cross-entropy)")
-    bce_binarize: bool = setting(True, help="bce: targets of every class present in a mixed image set to 1")
-    ema_decay: float = setting(0.99996, ge=0, lt=1, help="EMA of the weights (0: off; needs zero_stage <= 2)")
-    aug: SupervisedAugSettings = field(default_factory=SupervisedAugSettings)
-    val_data: InputPath | None = setting(None, help="sharded validation set: top-1 of the exported model at the end")
-    val_batch_size: int = setting(256, ge=1, help="evaluation batch size")
 
 
 def _criterion(settings: SupervisedSettings, mixing: bool) -> nn.Module:
@@ -51,41 +41,61 @@ def _criterion(settings: SupervisedSettings, mixing: bool) -> nn.Module:
     return SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=smoothing)
 
 
+@dataclass(frozen=True)
+class TimmModel:
+    """The timm model a supervised run trains: built by name, or from an export folder's architecture and
+    weights (fine-tuning), which timm loads itself (``local-dir:``), with a new classifier and position
+    embeddings resampled to the training size."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    init: Path | None = None  # an export folder to start from
+    init_args: dict[str, Any] = field(default_factory=dict)  # that export's model arguments
+
+    def create(self, **extra: Any) -> nn.Module:
+        if self.init is None:
+            return timm.create_model(self.name, **self.kwargs, **extra)
+        return timm.create_model(f"local-dir:{self.init.resolve()}", pretrained=True, **self.kwargs, **extra)
+
+    def spec(self, **extra: Any) -> dict[str, Any]:
+        """How to rebuild the trained model without the export it started from (for ``model.json``)."""
+        return {"library": "timm", "name": self.name, "kwargs": {**self.init_args, **self.kwargs, **extra}}
+
+
 class SupervisedTask:
     """The ``supervised`` mode of the engine (see :class:`pipeline.train.task.Task`)."""
 
     name = "supervised"
 
-    def __init__(self, settings: SupervisedSettings, *, model: str, model_kwargs: Mapping[str, Any],
-                 data_dir: str | Path, loader: LoaderSettings, seed: int, total_steps: int, zero_stage: int):
-        if settings.ema_decay > 0 and zero_stage == 3:
-            raise ValueError("supervised.ema_decay > 0 needs zero_stage 0, 1 or 2: ZeRO-3 shards the weights the "
-                             "EMA follows; set ema_decay: 0 or zero_stage: 2")
+    def __init__(self, settings: SupervisedSettings, *, model: TimmModel, data_dir: str | Path,
+                 loader: LoaderSettings, seed: int, val_dir: str | Path | None = None):
+        """``val_dir``: the resolved ``settings.val_data``, where the exported model's top-1 is measured."""
         self.settings = settings
-        self.model_name = model
-        self.model_kwargs = dict(model_kwargs)
+        self.model = model
         self.data_dir = Path(data_dir)
+        self.val_dir = Path(val_dir) if val_dir is not None else None
         self.loader_settings = loader
         self.seed = seed
         self.num_classes = len(Manifest.load(self.data_dir).classes)
         if self.num_classes < 2:
             raise ValueError(f"{self.data_dir}: supervised training needs a classification dataset with classes")
         self.mixup = make_mixup(settings.aug, self.num_classes)
-        if self.mixup is not None and loader.batch_size % 2:
-            raise ValueError(f"Mixup/CutMix pairs images within a batch: loader.batch_size {loader.batch_size} "
-                             "must be even")
         self.criterion = _criterion(settings, self.mixup is not None)
         self.ema: ModelEma | None = None
         self.scalar_names: set[str] = set()
         self._probe: torch.Tensor | None = None
 
+    def begin(self, total_steps: int) -> None:
+        """Nothing depends on the run's length."""
+
+    def _size_args(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "img_size": self.settings.aug.image_size}
+
     def model_spec(self) -> dict[str, Any]:
-        kwargs = {**self.model_kwargs, "num_classes": self.num_classes, "img_size": self.settings.aug.image_size}
-        return {"library": "timm", "name": self.model_name, "kwargs": kwargs}
+        return self.model.spec(**self._size_args())
 
     def create_model(self) -> nn.Module:
-        spec = self.model_spec()
-        return timm.create_model(spec["name"], **spec["kwargs"])
+        return self.model.create(**self._size_args())
 
     def build_module(self) -> nn.Module:
         module = self.create_model()
@@ -135,19 +145,37 @@ class SupervisedTask:
         for name, tensor in restore_scalars(weights.items(), self.scalar_names):
             yield name, tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
 
+    @staticmethod
+    def inference_weights(module_state: Mapping[str, torch.Tensor], task_state: Mapping[str, Any],
+                          choice: WeightsChoice) -> tuple[dict[str, torch.Tensor], str]:
+        """From a consolidated checkpoint: the EMA weights when kept (and ``choice`` allows), else the trained
+        ones, as the timm model's state dict; and which they are."""
+        ema = task_state.get("ema")
+        if choice == "trained" or (ema is None and choice == "auto"):
+            return dict(module_state), "trained"
+        if ema is None:
+            raise CheckpointError("weights: averaged requested, but this run kept no EMA of the weights")
+        unaveraged = set(module_state) - set(ema)
+        if not set(ema) <= set(module_state) or any(module_state[name].is_floating_point() for name in unaveraged):
+            raise CheckpointError(f"the EMA's {len(ema)} tensors do not match the {len(module_state)} trained "
+                                  "tensors by name")
+        return {name: ema.get(name, tensor).float() if tensor.is_floating_point() else tensor
+                for name, tensor in module_state.items()}, "ema"
+
     @torch.no_grad()
     def evaluate(self, weights: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, float]:
         """Top-1 and top-5 accuracy (fractions, as the evaluate stage reports them) of ``weights`` on
         ``val_data`` (centre crops), in this process alone."""
-        if self.settings.val_data is None:
+        if self.val_dir is None:
             return {}
-        model = self.create_model().to(device).eval()
+        spec = self.model_spec()
+        model = timm.create_model(spec["name"], **spec["kwargs"]).to(device).eval()
         model.load_state_dict(weights)
         samples = supervised_samples(self.settings.aug, train=False, draft_size=self.loader_settings.draft_size)
         settings = replace(self.loader_settings, batch_size=self.settings.val_batch_size, shuffle=False,
                            drop_last=False, repeats=1, resampled=False, samples_per_epoch=0)
         correct1 = correct5 = seen = 0
-        for batch in ResumableLoader(self.settings.val_data, samples, settings, seed=self.seed):
+        for batch in ResumableLoader(self.val_dir, samples, settings, seed=self.seed):
             logits = model(batch["image"].to(device))
             labels = batch["label"].to(device)
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices

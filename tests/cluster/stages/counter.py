@@ -10,9 +10,9 @@ import signal
 import time
 from dataclasses import dataclass
 
-from pipeline.config.types import setting
-from pipeline.fsutil import atomic_write_json
-from pipeline.stage import StageContext
+from pipeline.core.config.types import setting
+from pipeline.core.fsutil import atomic_write_json
+from pipeline.core.stage import StageContext
 from pipeline.train.faults import Preempted
 
 

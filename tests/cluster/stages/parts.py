@@ -7,8 +7,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from pipeline.config.types import setting
-from pipeline.stage import StageContext
+from pipeline.core.config.types import setting
+from pipeline.core.stage import StageContext
 
 
 @dataclass

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cluster.env import rank_info_from_env
-from pipeline.config.types import setting
-from pipeline.stage import StageContext
+from pipeline.core.config.types import setting
+from pipeline.core.ranks import rank_info_from_env
+from pipeline.core.stage import StageContext
 
 
 @dataclass
