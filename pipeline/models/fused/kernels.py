@@ -75,7 +75,7 @@ def _dot(a, b, WIDEN: tl.constexpr):
 
 @triton.jit
 def attention_forward_kernel(
-    Q, K, V, Z, O, LSE,
+    Q, K, V, Z, OUT, LSE,
     q_sb, q_sh, q_sn, q_sd, k_sb, k_sh, k_sn, k_sd, v_sb, v_sh, v_sn, v_sd,
     z_sb, z_sh, z_sn, z_sd, o_sb, o_sh, o_sn,
     H, N, qk_scale,
@@ -95,7 +95,7 @@ def attention_forward_kernel(
     K += b * k_sb + h * k_sh
     V += b * v_sb + h * v_sh
     Z += b * z_sb + h * z_sh
-    O += b * o_sb + h * o_sh
+    OUT += b * o_sb + h * o_sh
     dtype = Q.dtype.element_ty
 
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -126,13 +126,13 @@ def attention_forward_kernel(
     if ROTATE_VO:
         cos, sin = _load_phasor(Z, rows, N, z_sn, z_sd, R)  # reloaded: cheaper than holding it through the loop
         out = _rotate(out, cos, -sin, BLOCK_M, R)
-    _store_rows(O, out, rows, N, o_sn, HEAD_DIM)
+    _store_rows(OUT, out, rows, N, o_sn, HEAD_DIM)
     tl.store(LSE + bh * N + rows, row_max + tl.log2(row_sum), mask=rows < N)
 
 
 @triton.jit
 def attention_backward_dq_kernel(
-    Q, K, V, Z, O, DO, LSE, DELTA, DQ, DZ,
+    Q, K, V, Z, OUT, DO, LSE, DELTA, DQ, DZ,
     q_sb, q_sh, q_sn, q_sd, k_sb, k_sh, k_sn, k_sd, v_sb, v_sh, v_sn, v_sd,
     z_sb, z_sh, z_sn, z_sd, o_sb, o_sh, o_sn,
     H, N, qk_scale, sm_scale,
@@ -153,7 +153,7 @@ def attention_backward_dq_kernel(
     K += b * k_sb + h * k_sh
     V += b * v_sb + h * v_sh
     Z += b * z_sb + h * z_sh
-    O += b * o_sb + h * o_sh
+    OUT += b * o_sb + h * o_sh
     DO += b * o_sb + h * o_sh
     DQ += b * o_sb + h * o_sh
     dtype = Q.dtype.element_ty
@@ -164,7 +164,7 @@ def attention_backward_dq_kernel(
     q = _rotate(q_in, cos, sin, BLOCK_M, R).to(dtype)
     grad_out = _load_rows(DO, rows, N, o_sn, 1, HEAD_DIM)
     # rowsum(dO'·O') equals rowsum(dout·out) for any phasor: Re(conj(dout·p)·o') = Re(conj(dout)·o'·conj(p))
-    delta = tl.sum(grad_out * _load_rows(O, rows, N, o_sn, 1, HEAD_DIM), 1)
+    delta = tl.sum(grad_out * _load_rows(OUT, rows, N, o_sn, 1, HEAD_DIM), 1)
     tl.store(DELTA + bh * N + rows, delta, mask=rows < N)
     do = grad_out
     if ROTATE_VO:
