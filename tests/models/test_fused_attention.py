@@ -149,6 +149,25 @@ def test_fp16_matches_reference():
     assert_matches(actual, expected, rtol=2e-2, atol=2e-2)
 
 
+def test_scores_far_below_zero_keep_gradients_finite():
+    """Every score of a row far below zero (its log-sum-exp too): the weights of the zero-padded keys of the
+    ragged last tile, exp2(0 − lse), overflow unless they are masked."""
+    b, h, n, d = 1, 1, 20, 16
+    keys = random(1, 1, 1, d, seed=1).abs().expand(b, h, n, d)
+    data = [-200.0 * keys, keys + 0.01 * random(b, h, n, d, seed=2), random(b, h, n, d, seed=3)]
+    phasor = ph.phasor(torch.zeros(1, 1, n, d // 2, dtype=torch.float64))
+    leaves = [t.float().to(DEVICE).requires_grad_() for t in (*data, phasor)]
+    out = kope_attention(*leaves)
+    out.sum().backward()
+    exact = [t.clone().requires_grad_() for t in (*data, phasor)]
+    reference(*exact, True).sum().backward()
+    assert (data[0] @ data[1].transpose(-2, -1)).max() * d**-0.5 < -150  # below fp32's exp range
+    for name, a, e in zip(("dq", "dk", "dv", "dphasor"), leaves, exact, strict=True):
+        assert torch.isfinite(a.grad).all(), name
+        torch.testing.assert_close(a.grad.cpu().double(), e.grad, rtol=2e-3, atol=2e-3,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_fp32_forward_equals_the_plain_path_with_clamped_phasors():
     """The plain path's forward multiplies the output by the conjugate of a non-unit phasor (no division)."""
     b, h, n, d = 2, 2, 20, 16

@@ -182,8 +182,10 @@ def attention_backward_dq_kernel(
         if ROTATE_VO:
             v = _rotate(v, k_cos, k_sin, BLOCK_N, R)
         v = v.to(dtype)
-        p = tl.exp2(_dot(q, tl.trans(k), WIDEN_DOTS) * qk_scale - lse[:, None])
-        p = tl.where(cols[None, :] < N, p, 0.0)
+        # padded keys get no weight: their score would be 0, and exp2(0 − lse) overflows where every real
+        # score is far below zero
+        s = tl.where(cols[None, :] < N, _dot(q, tl.trans(k), WIDEN_DOTS) * qk_scale, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), WIDEN_DOTS)
         ds = p * (dp - delta[:, None])  # softmax backward: dS = P ⊙ (dP − rowsum(dO'·O'))
         dq += _dot(ds.to(dtype), k, WIDEN_DOTS)
@@ -250,9 +252,11 @@ def attention_backward_dkdv_kernel(
         do = do.to(dtype)
         lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=0.0)
         delta = tl.load(DELTA + bh * N + rows, mask=rows < N, other=0.0)
-        # Pᵀ: (keys, queries); query rows past N must not add to dk, dv
-        pt = tl.exp2(_dot(k, tl.trans(q), WIDEN_DOTS) * qk_scale - lse[None, :])
-        pt = tl.where(rows[None, :] < N, pt, 0.0)
+        # Pᵀ: (keys, queries). Query rows past N add nothing: their dO and delta load as zeros (their scores and
+        # log-sum-exp too, so their weights are a finite 1). Padded keys' rows are never stored; masking them
+        # only keeps them finite, as in the dq kernel.
+        st = tl.where(cols[:, None] < N, _dot(k, tl.trans(q), WIDEN_DOTS) * qk_scale, float("-inf"))
+        pt = tl.exp2(st - lse[None, :])
         dv += _dot(pt.to(dtype), do, WIDEN_DOTS)
         dst = pt * (_dot(v, tl.trans(do), WIDEN_DOTS) - delta[None, :])
         dk += _dot(dst.to(dtype), q, WIDEN_DOTS)
