@@ -11,7 +11,10 @@ backward of ``pipeline.models.phase``.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -293,3 +296,29 @@ def test_rejects_inputs_it_cannot_take(change, message):
 def test_available_only_where_the_kernels_run():
     assert available(DEVICE)
     assert not available("meta")
+
+
+def load_bench():
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_skips_on_the_cpu(capsys):
+    result = load_bench().main(["--device", "cpu"])
+    assert json.loads(capsys.readouterr().out) == result and result["device"] == "cpu" and "skipped" in result
+
+
+def test_bench_times_every_variant_on_the_same_inputs():
+    """The benchmark's own code at toy size (interpreted on the CPU: its timings mean nothing there); the fused
+    and plain variants it times compute the same tokens."""
+    bench = load_bench()
+    args = bench.parse_args(["--device", str(DEVICE), "--batch", "1", "--heads", "2", "--tokens", "20",
+                             "--head-dim", "16", "--dtype", "fp32", "--steps", "1", "--warmup", "1", "--no-compile"])
+    result = bench.benchmark(args)
+    assert set(result["variants"]) == {"fused", "plain", "sdpa"} and set(result["fused_speedup"]) == {"plain", "sdpa"}
+    for timing in result["variants"].values():
+        assert timing["fwd_bwd_ms"] > 0 and timing["fwd_ms"] > 0 and timing["layer_img_per_s"] > 0
+    assert result["fused_vs_plain_max_abs_diff"] < 1e-5
