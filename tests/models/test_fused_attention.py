@@ -247,6 +247,19 @@ def test_traces_into_one_graph_with_its_backward():
         torch.testing.assert_close(traced, eager)
 
 
+def test_ops_pass_torch_library_checks():
+    """Schema, fake implementations (shapes, strides, dynamic shapes) and the autograd registration of both ops,
+    as ``torch.library.opcheck`` checks them against real runs."""
+    from pipeline.models.fused import attention
+
+    q, k, v = (random(1, 1, 16, 16, seed=i).float().to(DEVICE).requires_grad_() for i in range(3))
+    phasor = unit_phasor(1, 1, 16, 16, seed=3).float().to(DEVICE).requires_grad_()
+    torch.library.opcheck(attention._forward_op, (q, k, v, phasor, True))
+    out, lse = attention._forward_op(q, k, v, phasor, True)
+    saved = [t.detach() for t in (q, k, v, phasor, out, lse)]
+    torch.library.opcheck(attention._backward_op, (*saved, torch.ones_like(out), True, True))
+
+
 @pytest.mark.slow
 def test_compiles_with_inductor():
     """The default backend: inductor generates code around the op (C++ on the CPU, Triton on CUDA)."""
