@@ -132,7 +132,7 @@ def test_flat_val_with_each_label_file_format(tmp_path):
     truth = [2, 0, 1, 1, 0]
     for i in range(1, 6):
         (val / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(jpeg(50 + i))
-    (val / "ILSVRC2012_val_00000006.JPEG").write_bytes(jpeg(60))
+    (val / "extra_photo.JPEG").write_bytes(jpeg(60))  # in no label list
     labels = {f"ILSVRC2012_val_{i:08d}": wnids[t] for i, t in enumerate(truth, start=1)}
     # the ground-truth list numbers classes by ILSVRC2012 id, here the reverse of the sorted order
     synsets = tmp_path / "synsets.txt"
