@@ -347,22 +347,24 @@ class ReshardJob:
     filters: SampleFilters
     source: str
     extra_fields: tuple[str, ...]
+    counted_repeats: tuple[tuple[str, str, int], ...] = ()  # (input shard, key, repeats counted by planning)
     kind: str = "captions"
 
     def fingerprint(self) -> str:
         return sha256_text(canonical_json([JOB_VERSION, self.index, self.refs, self.key_width, asdict(self.image),
-                                           asdict(self.filters), self.source, self.extra_fields]))
+                                           asdict(self.filters), self.source, self.extra_fields,
+                                           self.counted_repeats]))
 
     def items(self) -> Iterator[Sample | Skip]:
         wanted: dict[str, set[str]] = {}
         for name, key, _ in self.refs:
             wanted.setdefault(name, set()).add(key)
         members = {}
+        counted = Counter({(name, key): n for name, key, n in self.counted_repeats})
         for name, keys in wanted.items():
-            tar = Path(self.root) / name
-            members[name], repeated = read_members(tar, keys)
-            if tar.with_suffix(".parquet").is_file():  # else planning read the tar and counted them
-                for key in repeated:
+            members[name], repeated = read_members(Path(self.root) / name, keys)
+            for key, n in Counter(repeated).items():  # later tar samples that planning did not see as rows
+                for _ in range(n - counted[name, key]):
                     yield Skip(DUPLICATE_KEY, f"{name}/{key}", "a later sample of the tar with this key")
         for position, (name, key, uid) in enumerate(self.refs):
             yield self._sample(sample_key(self.index, position, self.key_width), name, key, uid,
@@ -414,6 +416,7 @@ class ReshardPlan:
     extra_fields: tuple[str, ...]
     skipped: Counter = field(default_factory=Counter)
     skipped_samples: list[dict[str, str]] = field(default_factory=list)
+    key_repeats: Counter = field(default_factory=Counter)  # (input shard, key) -> later rows dropped
 
     @property
     def num_shards(self) -> int:
@@ -423,8 +426,10 @@ class ReshardPlan:
         start = index * self.samples_per_shard
         end = min(start + self.samples_per_shard, len(self.keys))
         refs = tuple((self.inputs[self.shard_ids[i]], self.keys[i], self.uids[i]) for i in range(start, end))
+        repeats = tuple((name, key, self.key_repeats[name, key]) for name, key, _ in refs
+                        if (name, key) in self.key_repeats)
         return ReshardJob(index, self.root, refs, key_width(self.samples_per_shard), self.image, self.filters,
-                          self.source, self.extra_fields)
+                          self.source, self.extra_fields, repeats)
 
 
 def plan_reshard(folder: Path, *, samples_per_shard: int, filters: SampleFilters, image: ImageOptions,
@@ -437,6 +442,7 @@ def plan_reshard(folder: Path, *, samples_per_shard: int, filters: SampleFilters
     shard_ids: list[int] = []
     keys: list[str] = []
     uids: list[str] = []
+    repeats: Counter = Counter()
     for shard_id, name in enumerate(inputs):
         rows = sorted(read_input_rows(folder, name), key=lambda row: row.key)  # stable: duplicates stay later
         chosen = in_subset([row.uid for row in rows], subset) if subset is not None else None
@@ -456,6 +462,8 @@ def plan_reshard(folder: Path, *, samples_per_shard: int, filters: SampleFilters
                 problem = filters.size_problem(row.width, row.height)
             if problem:
                 dropped.add(problem, f"{name}/{row.key}", row.error or row.uid)
+                if problem == DUPLICATE_KEY:
+                    repeats[name, row.key] += 1
                 continue
             shard_ids.append(shard_id)
             keys.append(row.key)
@@ -466,7 +474,7 @@ def plan_reshard(folder: Path, *, samples_per_shard: int, filters: SampleFilters
     kept = np.flatnonzero(keep)
     return ReshardPlan(str(folder), inputs, np.asarray(shard_ids, np.int32)[kept], [keys[i] for i in kept],
                        [uids[i] for i in kept], samples_per_shard, image, filters, source, tuple(extra_fields),
-                       dropped.nonzero(), dropped.samples)
+                       dropped.nonzero(), dropped.samples, repeats)
 
 
 def read_members(tar: Path, keys: set[str]) -> tuple[dict[str, dict[str, bytes]], list[str]]:
