@@ -52,7 +52,7 @@ def test_a_good_image_downloads_whole(limited, server):
 def test_a_tarpit_is_cut_at_the_deadline(limited, server, path):
     seconds, result = elapsed(fetch, f"{server}{path}")
     assert isinstance(result, DeadlineExceeded), result
-    assert LIMITS.deadline_s - 0.1 < seconds < LIMITS.deadline_s + 0.5
+    assert LIMITS.deadline_s - 0.1 < seconds < LIMITS.deadline_s + 1.0  # slack for a loaded machine
     assert download_problem("failed_to_download", str(result)) == "download_deadline"
 
 
@@ -68,7 +68,7 @@ def test_a_connection_that_is_never_accepted_times_out(limited):
     with unaccepting_port() as port:
         seconds, result = elapsed(fetch, f"http://127.0.0.1:{port}/image")
     assert isinstance(getattr(result, "reason", None), ConnectTimeout), result
-    assert LIMITS.connect_timeout_s - 0.1 < seconds < LIMITS.connect_timeout_s + 0.5
+    assert LIMITS.connect_timeout_s - 0.1 < seconds < LIMITS.connect_timeout_s + 1.0
     assert download_problem("failed_to_download", str(result)) == "connect_timeout"
 
 
