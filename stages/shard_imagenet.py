@@ -1,7 +1,9 @@
 """Stage ``shard_imagenet``: an ImageNet-style tree -> one WebDataset shard folder per split.
 
 Outputs ``<split>/`` (shards, per-shard parquet and stats, ``manifest.json``, ``sizes.json``, ``_info.json``,
-``classes.tsv``) and ``report.json`` (skipped and converted samples by reason, for every split).
+``classes.tsv``), ``report.json`` (skipped, converted and renamed samples by reason, for every split) and one
+``_info.json`` listing every split with timm's names (``val`` also as ``validation``), so the stage's folder
+is the ``root`` of ``timm.data.create_dataset("wds/<name>", root=..., split=...)``.
 
 Shard i is a pure function of the settings and the listed files, so a re-run after a crash keeps finished
 shards and writes the rest, byte-identical to an uninterrupted run. On a cluster the stage can run as an
@@ -18,7 +20,7 @@ from pipeline.core.fsutil import atomic_write_json
 from pipeline.core.stage import StageContext
 from pipeline.data.imagenet_source import ImageNetPlan, plan_split, read_classes, read_val_labels
 from pipeline.data.images import ImageOptions
-from pipeline.data.manifest import ClassInfo
+from pipeline.data.manifest import ClassInfo, Manifest, save_timm_splits
 from pipeline.data.settings import ImageNetShardSettings
 from pipeline.data.shard_writer import (
     build_shards,
@@ -64,17 +66,21 @@ def run(settings: ImageNetShardSettings, ctx: StageContext) -> dict:
     classes, split_plans = plans(settings, ctx)
     outputs: dict = {}
     report = {}
+    manifests: dict[str, Manifest] = {}
     for split, plan in split_plans.items():
         directory = ctx.out_dir / split
         stats = build_shards(directory, plan, default_workers(settings.workers), ctx.log, f"{ctx.name}/{split}")
         manifest = finish_dataset(directory, plan, stats, name=f"{settings.name}-{split}", kind="classification",
                                   split=split, config=asdict(settings), classes=classes)
         report[split] = dataset_report(manifest, plan, stats)
-        ctx.log.info("%s: %d samples in %d shards, skipped %s, converted %s", split, manifest.num_samples,
-                     len(manifest.shards), manifest.skipped or "none", manifest.converted or "none")
+        manifests[split] = manifest
+        ctx.log.info("%s: %d samples in %d shards, skipped %s, converted %s, renamed %s", split,
+                     manifest.num_samples, len(manifest.shards), manifest.skipped or "none",
+                     manifest.converted or "none", manifest.renamed or "none")
         outputs[split] = _relative(directory, ctx)
         outputs[f"{split}_samples"] = manifest.num_samples
     atomic_write_json(ctx.out_dir / REPORT_FILE, report)
+    save_timm_splits(ctx.out_dir, settings.name, manifests)
     outputs["report"] = _relative(ctx.out_dir / REPORT_FILE, ctx)
     outputs["num_classes"] = len(classes)
     return outputs

@@ -90,4 +90,5 @@ def fingerprint_path(path: Path, max_depth: int = 2) -> str:
                 visit(child, depth + 1)
 
     visit(path, 0)
-    return sha256_text("\n".join(entries))
+    # names that are not valid UTF-8 (surrogate-escaped by os) hash as their bytes instead of failing
+    return hashlib.sha256("\n".join(entries).encode("utf-8", "surrogateescape")).hexdigest()

@@ -3,26 +3,25 @@ existing img2dataset / DataComp shards, keeping a uid subset and the samples tha
 
 Both paths end in the same resharding step, whose input is a folder of img2dataset shards (``*.tar`` with a
 ``.parquet`` beside each, or tars alone). Planning reads the per-shard parquets (the tars only when a
-parquet is missing): failed downloads, uids outside the subset, repeated uids and samples failing the
-caption or size filters are dropped and counted there, and the kept samples, sorted by input shard and key
-(img2dataset writes them in download-completion order), are cut into output shards of a fixed size. Writing
-a shard then reads its samples' members (holding one output shard in memory, to write them in plan order)
-and checks the caption bytes and the image itself.
+parquet is missing): failed downloads, uids outside the subset, repeated uids, repeated keys within a shard
+and samples failing the caption or size filters are dropped and counted there, and the kept samples, sorted
+by input shard and key (img2dataset writes them in download-completion order), are cut into output shards of
+a fixed size. Writing a shard then reads its samples' members (holding one output shard in memory, to write
+them in plan order) and checks the caption bytes and the image itself.
 
-The uid subset file is DataComp's: a sorted numpy array of dtype ``u8,u8`` (the 128-bit hex uid's high and
-low halves), as ``.npy`` or raw memory-mapped; an ``(n, 2)`` uint64 array works too.
+Before a download, rows without a url or uid, or with a url scheme outside the allowed ones (http and https
+by default: a ``file://`` url would copy a file of the downloading machine into the dataset), are dropped,
+counted and listed; the rest are downloaded with the limits of :mod:`pipeline.data.fetch_limits`.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
 import re
 import signal
-import tarfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -38,30 +37,43 @@ import pyarrow.parquet as pq
 
 from pipeline.core.errors import KopeError
 from pipeline.core.fsutil import canonical_json, sha256_text
-from pipeline.data.images import IMAGE_TOO_SMALL, BadImage, ImageOptions, prepare_image
+from pipeline.data.fetch_limits import LIMIT_REASONS, FetchLimits
+from pipeline.data.images import BadImage, ImageOptions, prepare_image
+from pipeline.data.input_tars import BadShardError, tar_samples
+from pipeline.data.reasons import (
+    ASPECT_RATIO_TOO_LARGE,
+    BAD_JSON,
+    BAD_UID,
+    BAD_URL,
+    CAPTION_NOT_UTF8,
+    CAPTION_TOO_LONG,
+    CAPTION_TOO_SHORT,
+    CONNECTION_ERROR,
+    DISALLOWED_BY_ROBOTS,
+    DOWNLOAD_FAILED,
+    DUPLICATE_KEY,
+    DUPLICATE_UID,
+    EMPTY_CAPTION,
+    IMAGE_TOO_SMALL,
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    MISSING_UID,
+    MISSING_URL,
+    NOT_AN_IMAGE,
+    NOT_IN_SUBSET,
+    RESIZE_FAILED,
+    TIMEOUT,
+    TOO_MANY_PIXELS,
+    URL_SCHEME_NOT_ALLOWED,
+)
 from pipeline.data.shard_writer import REPORT_SAMPLE_LIMIT, Sample, Skip, key_width, sample_key
+from pipeline.data.uids import in_subset, uid_column, uid_text
 
-NOT_IN_SUBSET = "not_in_uid_subset"
-DUPLICATE_UID = "duplicate_uid"
-MISSING_UID = "missing_uid"
-MISSING_IMAGE = "missing_image"
-MISSING_CAPTION = "missing_caption"
-EMPTY_CAPTION = "empty_caption"
-CAPTION_NOT_UTF8 = "caption_not_utf8"
-CAPTION_TOO_SHORT = "caption_too_short"
-CAPTION_TOO_LONG = "caption_too_long"
-ASPECT_RATIO_TOO_LARGE = "aspect_ratio_too_large"
-BAD_JSON = "bad_json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-UID_HEX = re.compile(r"^[0-9a-fA-F]{32}$")
-UID_DTYPE = np.dtype("u8,u8")
-JOB_VERSION = 1
+JOB_VERSION = 2
 DOWNLOAD_CAPTION = "caption"
 DOWNLOAD_COLUMNS = ("uid", "source_url")
-
-
-class BadShardError(KopeError):
-    """An input shard (or its parquet) that cannot be read; fails the stage with the shard's name."""
+LIMIT_MESSAGE = re.compile(rf"\b({'|'.join(LIMIT_REASONS)}): ")
 
 
 @dataclass(frozen=True)
@@ -93,47 +105,28 @@ class SampleFilters:
         return None
 
 
-# --- uids and the subset file ---------------------------------------------------------------------------
+class DropList:
+    """Dropped samples: counts by reason, and the samples themselves (up to the report's limit) except subset
+    misses, which are a selection rather than a failure and would crowd out everything else."""
 
-def uid_pair(uid: str) -> tuple[int, int]:
-    """A uid as DataComp's (high, low) uint64 pair; a uid that is not 32 hex digits is hashed to one."""
-    value = int(uid, 16) if UID_HEX.match(uid) else int.from_bytes(
-        hashlib.blake2b(uid.encode("utf-8"), digest_size=16).digest(), "big")
-    return value >> 64, value & 0xFFFF_FFFF_FFFF_FFFF
+    def __init__(self, counts: Counter | None = None, samples: list[dict[str, str]] | None = None):
+        self.counts: Counter = Counter(counts or {})
+        self.samples: list[dict[str, str]] = list(samples or [])
 
+    def add(self, reason: str, source: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        if reason != NOT_IN_SUBSET and len(self.samples) < REPORT_SAMPLE_LIMIT:
+            self.samples.append({"reason": reason, "source": source, "detail": detail})
 
-def load_uid_subset(path: Path) -> np.ndarray:
-    """DataComp's sorted ``u8,u8`` uid array from ``.npy`` or a raw memory-mapped file."""
-    path = Path(path)
-    try:
-        array = np.load(path, mmap_mode="r") if path.suffix == ".npy" else np.memmap(path, UID_DTYPE, mode="r")
-    except (OSError, ValueError) as exc:
-        raise KopeError(f"{path}: unreadable uid subset: {exc}") from None
-    if array.dtype != UID_DTYPE:
-        if array.ndim != 2 or array.shape[1] != 2 or array.dtype != np.uint64:
-            raise KopeError(f"{path}: expected a u8,u8 structured array or (n, 2) uint64, got {array.dtype} "
-                            f"{array.shape}")
-        array = np.ascontiguousarray(array).view(UID_DTYPE).reshape(-1)
-    high, low = (array[name] for name in UID_DTYPE.names)
-    if not np.all((high[1:] > high[:-1]) | ((high[1:] == high[:-1]) & (low[1:] >= low[:-1]))):
-        raise KopeError(f"{path}: uid subset is not sorted (sort it as DataComp's resharder requires)")
-    return array
-
-
-def in_subset(uids: list[str], subset: np.ndarray) -> np.ndarray:
-    """Boolean mask: which ``uids`` are in the sorted ``subset``."""
-    if not uids or not len(subset):
-        return np.zeros(len(uids), bool)
-    pairs = np.array([uid_pair(uid) for uid in uids], dtype=UID_DTYPE)
-    where = np.minimum(np.searchsorted(subset, pairs), len(subset) - 1)
-    return subset[where] == pairs
+    def nonzero(self) -> Counter:
+        return Counter({reason: n for reason, n in self.counts.items() if n})
 
 
 # --- downloading with img2dataset ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class DownloadOptions:
-    """img2dataset's settings that we expose (its names, with units in ours)."""
+    """img2dataset's settings that we expose (its names, with units in ours), and our download limits."""
 
     image_size: int = 512
     resize_mode: str = "keep_ratio_largest"
@@ -142,11 +135,11 @@ class DownloadOptions:
     min_image_size: int = 0
     max_aspect_ratio: float = 0.0
     max_pixels: int = 89_478_485
-    timeout_s: float = 10.0
     retries: int = 0
     thread_count: int = 64
     processes: int = 1
     samples_per_shard: int = 10_000
+    limits: FetchLimits = FetchLimits()
 
 
 @contextmanager
@@ -179,41 +172,59 @@ def metadata_files(source: Path) -> list[Path]:
 
 
 def write_download_list(source: Path, out_file: Path, *, url_col: str, caption_col: str, uid_col: str,
-                        extra_columns: list[str], subset: np.ndarray | None, base_url: str | None
-                        ) -> tuple[int, Counter]:
-    """Write img2dataset's input (url, caption, uid, source_url, extras) for the rows in ``subset``.
+                        extra_columns: list[str], subset: np.ndarray | None, base_url: str | None,
+                        schemes: tuple[str, ...] = ("http", "https")) -> tuple[int, DropList]:
+    """Write img2dataset's input (url, caption, uid, source_url, extras) for the rows worth downloading.
 
-    With ``base_url``, urls without a scheme are resolved against it (a folder served by ``serve_folder``);
-    ``source_url`` keeps the original, which is what the shards record. Returns the row count and the
-    samples left out before downloading, by reason.
+    A row is left out (counted and listed) when its url is missing or its scheme is not in ``schemes``, or
+    its uid is missing or outside ``subset``. With ``base_url``, urls without a scheme are resolved against it
+    (a folder served by ``serve_folder``); ``source_url`` keeps the original, which is what the shards record.
+    Uids are written as text (see :mod:`pipeline.data.uids`); a uid or url column of the wrong type fails
+    here, before anything is downloaded. Returns the row count and the rows left out.
     """
     tables = []
-    skipped: Counter = Counter()
+    dropped = DropList()
     for path in metadata_files(source):
         columns = [url_col, caption_col, uid_col, *extra_columns]
         try:
             table = pq.read_table(path, columns=columns)
         except (OSError, pa.ArrowException) as exc:
             raise KopeError(f"{path}: cannot read columns {columns}: {exc}") from None
-        uids = [uid or "" for uid in table.column(uid_col).to_pylist()]
-        keep = np.array([bool(uid) for uid in uids], bool)
-        skipped[MISSING_UID] += int((~keep).sum())
-        if subset is not None:
-            chosen = in_subset(uids, subset) & keep
-            skipped[NOT_IN_SUBSET] += int((keep & ~chosen).sum())
-            keep = chosen
-        table = table.filter(pa.array(keep))
+        url_type = table.schema.field(url_col).type
+        if not (pa.types.is_string(url_type) or pa.types.is_large_string(url_type) or pa.types.is_null(url_type)):
+            raise KopeError(f"{path}: column {url_col!r}: urls must be strings, got {url_type}")
+        uids = uid_column(table.column(uid_col), path, uid_col)
         urls = table.column(url_col).to_pylist()
         served = [_resolve(url, base_url) for url in urls]
-        tables.append(pa.table({"url": served, DOWNLOAD_CAPTION: table.column(caption_col),
-                                "uid": table.column(uid_col), "source_url": urls,
-                                **{name: table.column(name) for name in extra_columns}}))
+        chosen = in_subset([uid or "" for uid in uids], subset) if subset is not None else None
+        keep = np.zeros(len(uids), bool)
+        for row, (uid, url) in enumerate(zip(uids, served)):
+            where = f"{path.name}:row {row}"
+            scheme = url_scheme(url)
+            if not url:
+                dropped.add(MISSING_URL, where, uid or "")
+            elif scheme is None:
+                dropped.add(BAD_URL, where, url)
+            elif scheme not in schemes:
+                dropped.add(URL_SCHEME_NOT_ALLOWED, where, url)
+            elif uid is None:
+                dropped.add(MISSING_UID, where, url)
+            elif chosen is not None and not chosen[row]:
+                dropped.add(NOT_IN_SUBSET, where, uid)
+            else:
+                keep[row] = True
+        mask = pa.array(keep)
+        tables.append(pa.table({"url": pa.array(served, pa.string()).filter(mask),
+                                DOWNLOAD_CAPTION: table.column(caption_col).filter(mask),
+                                "uid": pa.array(uids, pa.string()).filter(mask),
+                                "source_url": pa.array(urls, pa.string()).filter(mask),
+                                **{name: table.column(name).filter(mask) for name in extra_columns}}))
     merged = pa.concat_tables(tables)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.tmp")
     pq.write_table(merged, tmp)
     os.replace(tmp, out_file)
-    return merged.num_rows, Counter({reason: n for reason, n in skipped.items() if n})
+    return merged.num_rows, dropped
 
 
 def download(url_list: Path, folder: Path, rows: int, options: DownloadOptions, extra_columns: list[str]) -> None:
@@ -222,20 +233,23 @@ def download(url_list: Path, folder: Path, rows: int, options: DownloadOptions, 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check when img2dataset imports it
     from img2dataset import download as img2dataset_download
 
+    from pipeline.data.img2dataset_fetch import limits_applied
+
     sigint = signal.getsignal(signal.SIGINT)  # img2dataset installs its own handler and leaves it behind
     try:
-        img2dataset_download(
-            url_list=str(url_list), input_format="parquet", url_col="url", caption_col=DOWNLOAD_CAPTION,
-            save_additional_columns=[*DOWNLOAD_COLUMNS, *extra_columns], output_folder=str(folder),
-            output_format="webdataset", processes_count=options.processes, thread_count=options.thread_count,
-            image_size=options.image_size, resize_mode=options.resize_mode,
-            resize_only_if_bigger=options.resize_only_if_bigger, encode_quality=options.encode_quality,
-            skip_reencode=True, min_image_size=options.min_image_size,
-            max_aspect_ratio=options.max_aspect_ratio or float("inf"), max_image_area=options.max_pixels,
-            timeout=options.timeout_s, retries=options.retries,
-            number_sample_per_shard=options.samples_per_shard, extract_exif=False, compute_hash=None,
-            incremental_mode="incremental", enable_wandb=False, disallowed_header_directives=[],
-        )
+        with limits_applied(options.limits):
+            img2dataset_download(
+                url_list=str(url_list), input_format="parquet", url_col="url", caption_col=DOWNLOAD_CAPTION,
+                save_additional_columns=[*DOWNLOAD_COLUMNS, *extra_columns], output_folder=str(folder),
+                output_format="webdataset", processes_count=options.processes, thread_count=options.thread_count,
+                image_size=options.image_size, resize_mode=options.resize_mode,
+                resize_only_if_bigger=options.resize_only_if_bigger, encode_quality=options.encode_quality,
+                skip_reencode=True, min_image_size=options.min_image_size,
+                max_aspect_ratio=options.max_aspect_ratio or float("inf"), max_image_area=options.max_pixels,
+                timeout=options.limits.deadline_s, retries=options.retries,
+                number_sample_per_shard=options.samples_per_shard, extract_exif=False, compute_hash=None,
+                incremental_mode="incremental", enable_wandb=False, disallowed_header_directives=[],
+            )
     finally:
         signal.signal(signal.SIGINT, sigint)
     expected = math.ceil(rows / options.samples_per_shard)
@@ -247,28 +261,39 @@ def download(url_list: Path, folder: Path, rows: int, options: DownloadOptions, 
 
 def download_problem(status: str | None, error: str | None) -> str:
     """A counter name for a failed img2dataset row."""
-    error = (error or "").lower()
+    error = error or ""
+    if limit := LIMIT_MESSAGE.search(error):
+        return limit.group(1)
+    error = error.lower()
     if code := re.search(r"http error (\d{3})", error):
         return f"http_{code.group(1)}"
     if "timed out" in error or "timeout" in error:
-        return "timeout"
+        return TIMEOUT
     if "image too small" in error:
         return IMAGE_TOO_SMALL
     if "area too large" in error:
-        return "too_many_pixels"
+        return TOO_MANY_PIXELS
     if "aspect ratio" in error:
         return ASPECT_RATIO_TOO_LARGE
     if "decoding error" in error:
-        return "not_an_image"
+        return NOT_AN_IMAGE
     if "x-robots-tag" in error:
-        return "disallowed_by_robots"
+        return DISALLOWED_BY_ROBOTS
     if "urlopen error" in error or "connection" in error:
-        return "connection_error"
-    return "resize_failed" if status == "failed_to_resize" else "download_failed"
+        return CONNECTION_ERROR
+    return RESIZE_FAILED if status == "failed_to_resize" else DOWNLOAD_FAILED
+
+
+def url_scheme(url: str | None) -> str | None:
+    """The scheme of ``url`` in lower case ('' for none); ``None`` when the url cannot be parsed."""
+    try:
+        return urlparse(url or "").scheme
+    except ValueError:  # e.g. an unclosed [ in the host
+        return None
 
 
 def _resolve(url: str | None, base_url: str | None) -> str | None:
-    if url is None or base_url is None or urlparse(url).scheme:
+    if not url or base_url is None or url_scheme(url) != "":
         return url
     return urljoin(base_url, url)
 
@@ -277,7 +302,7 @@ def _resolve(url: str | None, base_url: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class InputRow:
-    """What planning needs of one input sample."""
+    """What planning needs of one input sample; ``problem`` is a reason found while reading it."""
 
     key: str
     status: str = "success"
@@ -286,6 +311,7 @@ class InputRow:
     caption: str | None = None
     width: int | None = None
     height: int | None = None
+    problem: str = ""
 
 
 def list_input_shards(folder: Path) -> list[str]:
@@ -296,12 +322,17 @@ def list_input_shards(folder: Path) -> list[str]:
 
 
 def read_input_rows(folder: Path, name: str) -> list[InputRow]:
-    """The rows of input shard ``name``: from its parquet when there is one, else from the tar itself."""
+    """The rows of input shard ``name``: from its parquet when there is one, else from the tar itself. A key
+    repeated within the shard keeps its first row; the later ones carry the problem ``duplicate_key``."""
     tar = Path(folder) / name
     parquet = tar.with_suffix(".parquet")
-    if parquet.is_file():
-        return _rows_from_parquet(parquet)
-    return _rows_from_tar(tar)
+    rows = _rows_from_parquet(parquet) if parquet.is_file() else _rows_from_tar(tar)
+    seen: set[str] = set()
+    for position, row in enumerate(rows):
+        if row.key in seen and not row.problem:
+            rows[position] = InputRow(row.key, row.status, row.error, row.uid, problem=DUPLICATE_KEY)
+        seen.add(row.key)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -316,17 +347,25 @@ class ReshardJob:
     filters: SampleFilters
     source: str
     extra_fields: tuple[str, ...]
+    counted_repeats: tuple[tuple[str, str, int], ...] = ()  # (input shard, key, repeats counted by planning)
     kind: str = "captions"
 
     def fingerprint(self) -> str:
         return sha256_text(canonical_json([JOB_VERSION, self.index, self.refs, self.key_width, asdict(self.image),
-                                           asdict(self.filters), self.source, self.extra_fields]))
+                                           asdict(self.filters), self.source, self.extra_fields,
+                                           self.counted_repeats]))
 
     def items(self) -> Iterator[Sample | Skip]:
         wanted: dict[str, set[str]] = {}
         for name, key, _ in self.refs:
             wanted.setdefault(name, set()).add(key)
-        members = {name: read_members(Path(self.root) / name, keys) for name, keys in wanted.items()}
+        members = {}
+        counted = Counter({(name, key): n for name, key, n in self.counted_repeats})
+        for name, keys in wanted.items():
+            members[name], repeated = read_members(Path(self.root) / name, keys)
+            for key, n in Counter(repeated).items():  # later tar samples that planning did not see as rows
+                for _ in range(n - counted[name, key]):
+                    yield Skip(DUPLICATE_KEY, f"{name}/{key}", "a later sample of the tar with this key")
         for position, (name, key, uid) in enumerate(self.refs):
             yield self._sample(sample_key(self.index, position, self.key_width), name, key, uid,
                                members[name].pop(key))
@@ -377,6 +416,7 @@ class ReshardPlan:
     extra_fields: tuple[str, ...]
     skipped: Counter = field(default_factory=Counter)
     skipped_samples: list[dict[str, str]] = field(default_factory=list)
+    key_repeats: Counter = field(default_factory=Counter)  # (input shard, key) -> later rows dropped
 
     @property
     def num_shards(self) -> int:
@@ -386,33 +426,31 @@ class ReshardPlan:
         start = index * self.samples_per_shard
         end = min(start + self.samples_per_shard, len(self.keys))
         refs = tuple((self.inputs[self.shard_ids[i]], self.keys[i], self.uids[i]) for i in range(start, end))
+        repeats = tuple((name, key, self.key_repeats[name, key]) for name, key, _ in refs
+                        if (name, key) in self.key_repeats)
         return ReshardJob(index, self.root, refs, key_width(self.samples_per_shard), self.image, self.filters,
-                          self.source, self.extra_fields)
+                          self.source, self.extra_fields, repeats)
 
 
 def plan_reshard(folder: Path, *, samples_per_shard: int, filters: SampleFilters, image: ImageOptions,
                  source: str, extra_fields: tuple[str, ...] = (), subset: np.ndarray | None = None,
-                 skipped_before: Counter | None = None) -> ReshardPlan:
-    """Decide which input samples are kept (first failing reason counts) and in which order."""
+                 dropped_before: DropList | None = None) -> ReshardPlan:
+    """Decide which input samples are kept (first failing reason counts) and in which order; what
+    ``dropped_before`` holds (rows left out of a download) is counted and listed with the rest."""
     inputs = list_input_shards(folder)
-    skipped = Counter(skipped_before or {})
-    examples: list[dict[str, str]] = []
+    dropped = DropList(dropped_before.counts, dropped_before.samples) if dropped_before else DropList()
     shard_ids: list[int] = []
     keys: list[str] = []
     uids: list[str] = []
-
-    def drop(reason: str, where: str, detail: str = "") -> None:
-        skipped[reason] += 1
-        if reason != NOT_IN_SUBSET and len(examples) < REPORT_SAMPLE_LIMIT:
-            examples.append({"reason": reason, "source": where, "detail": detail})
-
+    repeats: Counter = Counter()
     for shard_id, name in enumerate(inputs):
-        rows = sorted(read_input_rows(folder, name), key=lambda row: row.key)
+        rows = sorted(read_input_rows(folder, name), key=lambda row: row.key)  # stable: duplicates stay later
         chosen = in_subset([row.uid for row in rows], subset) if subset is not None else None
         for position, row in enumerate(rows):
-            where = f"{name}/{row.key}"
-            problem = None
-            if row.status != "success":
+            problem = row.problem
+            if problem:
+                pass
+            elif row.status != "success":
                 problem = download_problem(row.status, row.error)
             elif not row.uid:
                 problem = MISSING_UID
@@ -423,36 +461,39 @@ def plan_reshard(folder: Path, *, samples_per_shard: int, filters: SampleFilters
             else:
                 problem = filters.size_problem(row.width, row.height)
             if problem:
-                drop(problem, where, row.error or row.uid)
+                dropped.add(problem, f"{name}/{row.key}", row.error or row.uid)
+                if problem == DUPLICATE_KEY:
+                    repeats[name, row.key] += 1
                 continue
             shard_ids.append(shard_id)
             keys.append(row.key)
             uids.append(row.uid)
     keep = _first_occurrences(uids)
     for i in np.flatnonzero(~keep):
-        drop(DUPLICATE_UID, f"{inputs[shard_ids[i]]}/{keys[i]}", uids[i])
+        dropped.add(DUPLICATE_UID, f"{inputs[shard_ids[i]]}/{keys[i]}", uids[i])
     kept = np.flatnonzero(keep)
     return ReshardPlan(str(folder), inputs, np.asarray(shard_ids, np.int32)[kept], [keys[i] for i in kept],
                        [uids[i] for i in kept], samples_per_shard, image, filters, source, tuple(extra_fields),
-                       Counter({reason: n for reason, n in skipped.items() if n}), examples)
+                       dropped.nonzero(), dropped.samples, repeats)
 
 
-def read_members(tar: Path, keys: set[str]) -> dict[str, dict[str, bytes]]:
-    """The members (by extension) of the samples ``keys`` in ``tar``; every key must be there."""
+def read_members(tar: Path, keys: set[str]) -> tuple[dict[str, dict[str, bytes]], list[str]]:
+    """The members (by extension) of the samples ``keys`` in ``tar``, each key's first sample; and the keys of
+    ``keys`` that come back in a later sample (dropped). Every key must be there."""
     found: dict[str, dict[str, bytes]] = {}
-    try:
-        with tarfile.open(tar, "r:") as archive:
-            for member in archive:
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
-                if member.isfile() and key in keys:
-                    found.setdefault(key, {})[ext] = archive.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise BadShardError(f"{tar}: unreadable shard: {exc}") from None
+    repeated: list[str] = []
+    for sample in tar_samples(tar, lambda key, _: key in keys):
+        if sample.key not in keys:
+            continue
+        if sample.duplicate:
+            repeated.append(sample.key)
+        else:
+            found[sample.key] = sample.parts
     missing = keys - found.keys()
     if missing:
         raise BadShardError(f"{tar}: {len(missing)} samples listed in its parquet are missing from the tar "
                             f"(first: {sorted(missing)[0]}); is the shard truncated?")
-    return found
+    return found, repeated
 
 
 def _first_occurrences(uids: list[str]) -> np.ndarray:
@@ -473,10 +514,12 @@ def _rows_from_parquet(path: Path) -> list[InputRow]:
             raise BadShardError(f"{path}: no 'key' column: not an img2dataset shard parquet")
         wanted = [c for c in ("key", "status", "error_message", "uid", "caption", "width", "height",
                               "original_width", "original_height") if c in names]
-        data = pq.read_table(path, columns=wanted).to_pydict()
+        table = pq.read_table(path, columns=wanted)
     except (OSError, pa.ArrowException) as exc:
         raise BadShardError(f"{path}: unreadable parquet: {exc}") from None
-    count = len(data["key"])
+    count = table.num_rows
+    uids = uid_column(table.column("uid"), path, "uid") if "uid" in names else [None] * count
+    data = table.drop_columns(["uid"] if "uid" in names else []).to_pydict()
 
     def column(name: str, fallback: str = "") -> list:
         return data.get(name) or data.get(fallback) or [None] * count
@@ -484,42 +527,31 @@ def _rows_from_parquet(path: Path) -> list[InputRow]:
     return [InputRow(key=str(key), status=status or "success", error=error or "", uid=uid or "", caption=caption,
                      width=width, height=height)
             for key, status, error, uid, caption, width, height in zip(
-                data["key"], column("status"), column("error_message"), column("uid"), column("caption"),
+                data["key"], column("status"), column("error_message"), uids, column("caption"),
                 column("original_width", "width"), column("original_height", "height"))]
 
 
 def _rows_from_tar(tar: Path) -> list[InputRow]:
-    """Rows from the ``.json`` and ``.txt`` members, for shards that came without a parquet."""
-    metas: dict[str, dict] = {}
-    captions: dict[str, str | None] = {}
-    keys: set[str] = set()
-    try:
-        with tarfile.open(tar, "r:") as archive:
-            for member in archive:
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
-                if not member.isfile():
-                    continue
-                keys.add(key)
-                if ext not in ("json", "txt"):
-                    continue
-                data = archive.extractfile(member).read()
-                if ext == "json":
-                    try:
-                        meta = json.loads(data)
-                    except ValueError:
-                        meta = {}
-                    metas[key] = meta if isinstance(meta, dict) else {}
-                else:
-                    try:
-                        captions[key] = data.decode("utf-8")
-                    except UnicodeDecodeError:
-                        captions[key] = None  # counted when the shard is written
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise BadShardError(f"{tar}: unreadable shard: {exc}") from None
+    """Rows from the ``.json`` and ``.txt`` members, for shards that came without a parquet; in tar order."""
     rows = []
-    for key in sorted(keys):
-        meta = metas.get(key, {})
-        rows.append(InputRow(key=key, uid=str(meta.get("uid") or ""), caption=captions.get(key),
+    for sample in tar_samples(tar, lambda _, extension: extension in ("json", "txt")):
+        if sample.duplicate:
+            rows.append(InputRow(key=sample.key, problem=DUPLICATE_KEY))
+            continue
+        try:
+            meta = json.loads(sample.parts.get("json", b"{}"))
+        except ValueError:
+            meta = {}  # counted when the shard is written
+        meta = meta if isinstance(meta, dict) else {}
+        try:
+            caption = sample.parts["txt"].decode("utf-8") if "txt" in sample.parts else None
+        except UnicodeDecodeError:
+            caption = None  # counted when the shard is written
+        try:
+            uid, problem = uid_text(meta.get("uid")) or "", ""
+        except TypeError:
+            uid, problem = "", BAD_UID
+        rows.append(InputRow(key=sample.key, uid=uid, caption=caption, problem=problem,
                              width=meta.get("original_width") or meta.get("width"),
                              height=meta.get("original_height") or meta.get("height")))
     return rows

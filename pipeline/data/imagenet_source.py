@@ -3,8 +3,24 @@
 Layout: ``train/<wnid>/*`` and, per split, either class folders or a flat folder with a label file (the
 ILSVRC2012 ground-truth list with the devkit's synsets, Kaggle's ``LOC_val_solution.csv``, or ``file wnid``
 lines). Class indices follow the sorted class folders (torchvision's ``ImageFolder`` order, which every
-ImageNet checkpoint uses). Every non-hidden file is listed, so a stray or broken file is counted when its
-shard is written rather than silently ignored; a file that cannot be labelled is counted too.
+ImageNet checkpoint uses).
+
+Every entry is accounted for, so nothing is lost silently: files in sub-folders of a class folder belong to
+that class (as in ``ImageFolder``, which walks class folders recursively and follows folder links; a link
+back to a parent folder is counted once as ``directory_loop`` instead of being followed forever); a
+dangling link, a FIFO or device, an unreadable folder, a file outside any class folder or without a label
+are counted under their reasons; a stray or broken file is counted when its shard is written. Only hidden
+entries (names starting with ``.``: ``.DS_Store``, editor and tool folders) are not inputs and are ignored.
+
+A file name that is not valid UTF-8 (a latin-1 name from an old archive) is kept: the file is read by its
+real name, and the sample's ``path`` records it with each undecodable byte written as ``\\xNN``, with
+``path_escaped: true``; the manifest counts it under ``renamed`` (``name_not_utf8``). Skipping such a file
+would lose a good image over its name; the sample key is ours anyway.
+
+Label lists whose line number is the image number (the ILSVRC2012 ground truth, a wnid list in class-id
+order) must have exactly one non-blank line per image: a blank or malformed line, or a line count that does
+not match the highest-numbered image, is an error naming the file and line, never a silent shift of every
+later label. Text inputs may start with a byte order mark.
 
 The order is a keyed hash of (seed, split, path): a fixed function of the inputs that mixes classes in every
 shard and does not depend on any library's random number stream.
@@ -14,7 +30,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,13 +42,22 @@ from pipeline.core.errors import KopeError
 from pipeline.core.fsutil import canonical_json, sha256_text
 from pipeline.data.images import BadImage, ImageOptions, prepare_image
 from pipeline.data.manifest import ClassInfo
+from pipeline.data.reasons import (
+    DANGLING_LINK,
+    DIRECTORY_LOOP,
+    MISSING_LABEL,
+    NAME_NOT_UTF8,
+    NOT_A_REGULAR_FILE,
+    UNKNOWN_CLASS,
+    UNREADABLE_DIRECTORY,
+    UNREADABLE_FILE,
+)
 from pipeline.data.shard_writer import Sample, Skip, key_width, sample_key
+from pipeline.data.text_files import read_text
 
 NAME_FILES = ("classes.tsv", "LOC_synset_mapping.txt", "words.txt")
-MISSING_LABEL = "missing_label"
-UNKNOWN_CLASS = "unknown_class"
-UNREADABLE_FILE = "unreadable_file"
-JOB_VERSION = 1
+VAL_IMAGE = re.compile(r"^ILSVRC2012_val_(\d{8})$")
+JOB_VERSION = 2
 
 
 class SourceError(KopeError):
@@ -39,13 +66,33 @@ class SourceError(KopeError):
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A listed file: path relative to the root, its class, or the reason it cannot be labelled."""
+    """A listed entry: path relative to the root (valid UTF-8), its class, or the reason it cannot be used;
+    ``fs_path`` is the path as the file system spells it, when that is not valid UTF-8."""
 
     path: str
     label: int = -1
     wnid: str = ""
     problem: str = ""
     size: int = 0
+    fs_path: str = ""
+
+
+@dataclass(frozen=True)
+class LabelList:
+    """A flat split's labels: file stem -> wnid; ``numbered`` > 0 when line n labels image number n."""
+
+    labels: dict[str, str]
+    path: str
+    numbered: int = 0
+
+
+def readable_name(name: str) -> str:
+    """``name`` itself if it is valid UTF-8, else with its undecodable bytes written as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def read_classes(root: Path, names_file: Path | None = None) -> list[ClassInfo]:
@@ -55,7 +102,7 @@ def read_classes(root: Path, names_file: Path | None = None) -> list[ClassInfo]:
     names = read_class_names(names_file) if names_file else {}
     train = root / "train"
     if train.is_dir():
-        wnids = sorted(entry.name for entry in os.scandir(train) if entry.is_dir() and not entry.name.startswith("."))
+        wnids = [readable_name(name) for name in sorted(entry.name for entry in _visible(train) if _is_dir(entry))]
     else:
         wnids = sorted(names)
     if not wnids:
@@ -80,63 +127,79 @@ def read_class_names(path: Path) -> dict[str, str]:
     return names
 
 
-def read_val_labels(path: Path, synsets: Path | None = None) -> dict[str, str]:
-    """File stem -> wnid for a flat split, from any of the three label file formats."""
+def read_val_labels(path: Path, synsets: Path | None = None) -> LabelList:
+    """A flat split's labels, from any of the three label file formats."""
     path = Path(path)
-    if path.suffix == ".csv":
-        return _read_loc_solution(path)
-    lines = list(_lines(path))
-    if lines and all(line.strip().isdigit() for _, line in lines):
+    if path.suffix.lower() == ".csv":
+        return LabelList(_read_loc_solution(path), str(path))
+    lines = read_text(path).splitlines()
+    first = next((line.strip() for line in lines if line.strip()), "")
+    if _is_number(first):
         if synsets is None:
             raise SourceError(f"{path}: ILSVRC2012 class ids need val_synsets (the devkit's meta.mat or a wnid list)")
         ids = _read_synset_ids(Path(synsets))
         labels = {}
-        for position, (number, line) in enumerate(lines, start=1):
+        for number, line in enumerate(_numbered_lines(path, lines), start=1):
+            if not _is_number(line):
+                raise SourceError(f"{path}: line {number}: expected a class id (a whole number), got {line!r}")
             if int(line) not in ids:
                 raise SourceError(f"{path}: line {number}: class id {line} not in {synsets}")
-            labels[f"ILSVRC2012_val_{position:08d}"] = ids[int(line)]
-        return labels
+            labels[f"ILSVRC2012_val_{number:08d}"] = ids[int(line)]
+        return LabelList(labels, str(path), numbered=len(labels))
     labels = {}
-    for number, line in lines:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         fields = line.replace(",", " ").split()
         if len(fields) != 2:
             raise SourceError(f"{path}: line {number}: expected 'file wnid', got {line!r}")
-        labels[Path(fields[0]).stem] = fields[1]
-    return labels
+        stem, wnid = Path(fields[0]).stem, fields[1]
+        if labels.get(stem, wnid) != wnid:
+            raise SourceError(f"{path}: line {number}: {fields[0]} labelled {wnid}, but {labels[stem]} earlier")
+        labels[stem] = wnid
+    return LabelList(labels, str(path))
 
 
-def list_split(root: Path, split: str, classes: list[ClassInfo], labels: dict[str, str] | None = None,
+def list_split(root: Path, split: str, classes: list[ClassInfo], labels: LabelList | None = None,
                with_sizes: bool = False) -> list[SourceFile]:
-    """Every file of ``root/split``, labelled, sorted by path."""
+    """Every entry of ``root/split``, labelled or with its problem, sorted by path."""
     folder = Path(root) / split
     if not folder.is_dir():
         raise SourceError(f"{folder}: split folder not found")
     index = {info.wnid: info.index for info in classes}
-    entries = sorted(_visible(folder), key=lambda entry: entry.name)
-    class_dirs = [entry for entry in entries if entry.is_dir()]
+    try:
+        entries = sorted(_visible(folder), key=lambda entry: entry.name)
+    except OSError as exc:
+        raise SourceError(f"{folder}: cannot list: {exc.strerror or exc}") from None
+    class_dirs = [entry for entry in entries if _is_dir(entry)]
     files: list[SourceFile] = []
     if class_dirs:
         for directory in class_dirs:
-            wnid = directory.name
-            for entry in sorted(_visible(Path(directory.path)), key=lambda e: e.name):
-                if entry.is_file():
-                    files.append(_labelled(f"{split}/{wnid}/{entry.name}", wnid, index, entry, with_sizes))
-        files.extend(SourceFile(f"{split}/{entry.name}", problem=MISSING_LABEL)
-                     for entry in entries if entry.is_file())
+            wnid = readable_name(directory.name)
+            ancestors = frozenset({_identity(folder), _identity(directory.path)})
+            for found in _walk(Path(directory.path), f"{split}/{wnid}", f"{split}/{directory.name}", ancestors,
+                               with_sizes):
+                files.append(_labelled(found, wnid, index))
+        for entry in entries:
+            if not _is_dir(entry):
+                found = _found(entry, split, split, with_sizes)
+                files.append(_labelled(found, "", index))
     else:
         if labels is None:
             raise SourceError(f"{folder}: flat split folder (no class folders): set val_labels to its label file")
         for entry in entries:
-            if entry.is_file():
-                wnid = labels.get(Path(entry.name).stem, "")
-                files.append(_labelled(f"{split}/{entry.name}", wnid, index, entry, with_sizes))
+            found = _found(entry, split, split, with_sizes)
+            files.append(_labelled(found, labels.labels.get(Path(found.path).stem, ""), index))
+        if labels.numbered:
+            _check_numbered(labels, folder, [Path(entry.name).stem for entry in entries])
     return sorted(files, key=lambda item: item.path)
 
 
 def shuffled(files: list[SourceFile], seed: int, split: str) -> list[SourceFile]:
-    """``files`` in the order of a keyed hash of (seed, split, path)."""
+    """``files`` in the order of a keyed hash of (seed, split, path as the file system spells it)."""
     def order(item: SourceFile) -> bytes:
-        return hashlib.blake2b(f"{seed}\0{split}\0{item.path}".encode(), digest_size=16).digest()
+        return hashlib.blake2b(f"{seed}\0{split}\0".encode() + os.fsencode(item.fs_path or item.path),
+                               digest_size=16).digest()
 
     return sorted(files, key=order)
 
@@ -171,7 +234,7 @@ class ImageNetShardJob:
     kind: str = "classification"
 
     def fingerprint(self) -> str:
-        files = [(item.path, item.label, item.wnid, item.problem) for item in self.files]
+        files = [(item.path, item.label, item.wnid, item.problem, item.fs_path) for item in self.files]
         return sha256_text(canonical_json([JOB_VERSION, self.index, files, self.key_width, asdict(self.image),
                                            self.source]))
 
@@ -181,7 +244,7 @@ class ImageNetShardJob:
                 yield Skip(item.problem, item.path, item.wnid)
                 continue
             try:
-                data = (Path(self.root) / item.path).read_bytes()
+                data = (Path(self.root) / (item.fs_path or item.path)).read_bytes()
                 image = prepare_image(data, self.image)
             except OSError as exc:
                 yield Skip(UNREADABLE_FILE, item.path, str(exc))
@@ -190,11 +253,13 @@ class ImageNetShardJob:
                 yield Skip(exc.reason, item.path, exc.detail)
                 continue
             meta = {"source": self.source, "wnid": item.wnid, "path": item.path}
+            if item.fs_path:
+                meta["path_escaped"] = True
             if (image.width, image.height) != (image.original_width, image.original_height):
                 meta.update(original_width=image.original_width, original_height=image.original_height)
             yield Sample(sample_key(self.index, position, self.key_width), image.data, item.label,
                          uid=Path(item.path).stem, width=image.width, height=image.height, meta=meta,
-                         converted_from=image.converted_from)
+                         converted_from=image.converted_from, renamed=NAME_NOT_UTF8 if item.fs_path else None)
 
 
 @dataclass
@@ -222,36 +287,117 @@ class ImageNetPlan:
 
 def plan_split(root: Path, split: str, classes: list[ClassInfo], *, seed: int, samples_per_shard: int,
                image: ImageOptions, shard_bytes: int = 0, source: str = "imagenet",
-               labels: dict[str, str] | None = None) -> ImageNetPlan:
+               labels: LabelList | None = None) -> ImageNetPlan:
     files = shuffled(list_split(root, split, classes, labels, with_sizes=bool(shard_bytes)), seed, split)
     bounds = cut(files, samples_per_shard, shard_bytes)
     width = key_width(max((end - start for start, end in bounds), default=1))
     return ImageNetPlan(str(root), files, bounds, image, source, width)
 
 
-def _labelled(path: str, wnid: str, index: dict[str, int], entry: os.DirEntry, with_sizes: bool) -> SourceFile:
-    size = entry.stat().st_size if with_sizes else 0
+
+
+@dataclass(frozen=True)
+class _Found:
+    """An entry found while listing: its path (valid UTF-8), its path on disk, and its problem if any."""
+
+    path: str
+    fs_path: str
+    problem: str = ""
+    size: int = 0
+
+
+def _walk(directory: Path, shown: str, on_disk: str, ancestors: frozenset, with_sizes: bool) -> Iterator[_Found]:
+    """Every entry under a class folder, recursively, following folder links except back to a parent."""
+    try:
+        entries = sorted(_visible(directory), key=lambda entry: entry.name)
+    except OSError:
+        yield _Found(shown, on_disk, UNREADABLE_DIRECTORY)
+        return
+    for entry in entries:
+        path, fs_path = f"{shown}/{readable_name(entry.name)}", f"{on_disk}/{entry.name}"
+        if not _is_dir(entry):
+            yield _found(entry, shown, on_disk, with_sizes)
+        elif (identity := _identity(entry.path)) in ancestors:
+            yield _Found(path, fs_path, DIRECTORY_LOOP)
+        else:
+            yield from _walk(Path(entry.path), path, fs_path, ancestors | {identity}, with_sizes)
+
+
+def _found(entry: os.DirEntry, shown: str, on_disk: str, with_sizes: bool) -> _Found:
+    """A non-folder entry: a file (with its size when asked), or the reason it is not one."""
+    path, fs_path = f"{shown}/{readable_name(entry.name)}", f"{on_disk}/{entry.name}"
+    try:
+        if entry.is_file():
+            return _Found(path, fs_path, size=entry.stat().st_size if with_sizes else 0)
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            return _Found(path, fs_path, DANGLING_LINK)
+    except OSError:
+        return _Found(path, fs_path, UNREADABLE_FILE)
+    return _Found(path, fs_path, NOT_A_REGULAR_FILE)
+
+
+def _labelled(found: _Found, wnid: str, index: dict[str, int]) -> SourceFile:
+    fs_path = found.fs_path if found.fs_path != found.path else ""
+    if found.problem:
+        return SourceFile(found.path, wnid=wnid, problem=found.problem, fs_path=fs_path)
     if not wnid:
-        return SourceFile(path, problem=MISSING_LABEL, size=size)
+        return SourceFile(found.path, problem=MISSING_LABEL, size=found.size, fs_path=fs_path)
     if wnid not in index:
-        return SourceFile(path, wnid=wnid, problem=UNKNOWN_CLASS, size=size)
-    return SourceFile(path, index[wnid], wnid, size=size)
+        return SourceFile(found.path, wnid=wnid, problem=UNKNOWN_CLASS, size=found.size, fs_path=fs_path)
+    return SourceFile(found.path, index[wnid], wnid, size=found.size, fs_path=fs_path)
 
 
-def _visible(folder: Path) -> Iterator[os.DirEntry]:
+def _check_numbered(labels: LabelList, folder: Path, stems: list[str]) -> None:
+    """A list whose line n labels image n must have exactly as many lines as the highest image number."""
+    numbers = sorted(int(match.group(1)) for stem in stems if (match := VAL_IMAGE.match(stem)))
+    highest = numbers[-1] if numbers else 0
+    if highest > labels.numbered:
+        raise SourceError(f"{labels.path}: {labels.numbered} lines, but {folder}/ILSVRC2012_val_{highest:08d} needs "
+                          f"line {highest}: lines are missing, so the labels after them would be shifted")
+    if highest < labels.numbered:
+        raise SourceError(f"{labels.path}: line {highest + 1}: labels image {highest + 1}, but the highest-numbered "
+                          f"image in {folder} is {highest}: the list does not match the images (an extra line "
+                          f"shifts every later label)")
+
+
+def _visible(folder: Path | str) -> Iterator[os.DirEntry]:
     with os.scandir(folder) as entries:
         yield from (entry for entry in entries if not entry.name.startswith("."))
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Non-empty lines with their 1-based numbers; a missing or undecodable file raises SourceError."""
+def _is_dir(entry: os.DirEntry) -> bool:
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path}: cannot read: {exc}") from None
-    for number, line in enumerate(text.splitlines(), start=1):
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _identity(path: Path | str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Non-empty lines with their 1-based numbers (for lists keyed by name, where a blank line means nothing)."""
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if line.strip():
-            yield number, line.rstrip("\n")
+            yield number, line
+
+
+def _numbered_lines(path: Path, lines: list[str]) -> list[str]:
+    """The stripped lines of a list whose line number means something; trailing blank lines are dropped, any
+    other blank line is an error (skipping it would shift every later entry)."""
+    while lines and not lines[-1].strip():
+        lines = lines[:-1]
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise SourceError(f"{path}: line {number}: blank line in a list whose line number is the image or class "
+                              f"number: every later entry would be shifted; remove it or fill it in")
+    return [line.strip() for line in lines]
 
 
 def _check_tsv_indices(path: Path, wnids: list[str]) -> None:
@@ -266,16 +412,23 @@ def _check_tsv_indices(path: Path, wnids: list[str]) -> None:
 
 
 def _read_loc_solution(path: Path) -> dict[str, str]:
-    labels = {}
+    labels: dict[str, str] = {}
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            for number, row in enumerate(csv.DictReader(handle), start=2):
-                prediction = (row.get("PredictionString") or "").split()
-                if not row.get("ImageId") or not prediction:
-                    raise SourceError(f"{path}: line {number}: expected ImageId,PredictionString")
-                labels[row["ImageId"]] = prediction[0]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise SourceError(f"{path}: cannot read: {exc}") from None
+        if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or ()):
+            raise SourceError(f"{path}: line 1: expected the header ImageId,PredictionString, got "
+                              f"{','.join(reader.fieldnames or ())!r}")
+        for row in reader:
+            prediction = (row.get("PredictionString") or "").split()
+            if not row.get("ImageId") or not prediction:
+                raise SourceError(f"{path}: line {reader.line_num}: expected ImageId,PredictionString values")
+            image, wnid = row["ImageId"], prediction[0]
+            if labels.get(image, wnid) != wnid:
+                raise SourceError(f"{path}: line {reader.line_num}: {image} labelled {wnid}, but {labels[image]} "
+                                  f"earlier")
+            labels[image] = wnid
+    except csv.Error as exc:
+        raise SourceError(f"{path}: line {reader.line_num}: {exc}") from None
     return labels
 
 
@@ -289,4 +442,5 @@ def _read_synset_ids(path: Path) -> dict[int, str]:
         except (OSError, ValueError, KeyError) as exc:
             raise SourceError(f"{path}: not a devkit meta.mat with 'synsets': {exc}") from None
         return {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in synsets}
-    return {position: line.split()[0] for position, (_, line) in enumerate(_lines(path), start=1)}
+    lines = _numbered_lines(path, read_text(path).splitlines())
+    return {number: line.split()[0] for number, line in enumerate(lines, start=1)}

@@ -7,6 +7,11 @@ here and not in a training run. Anything else is decoded and re-encoded:
 * PNG, GIF, WebP and other formats, and CMYK or greyscale JPEGs become RGB JPEGs. The sample is kept and
   counted as *converted* (by what it was converted from: ``png_palette``, ``cmyk``...), not skipped: the
   picture is fine, only its encoding is unusual. Alpha is composited on white, as img2dataset does.
+* High bit-depth images are scaled to 8 bits, never clipped (PIL's own conversion clips them at 255, which
+  turns a 16-bit greyscale PNG almost white): 16-bit greyscale (``gray16``) by 255/65535; 32-bit integer
+  (``int32``) likewise when its values fit 16 bits; 32-bit float (``float32``) from [0, 1] or [0, 255] when
+  the values lie in one of them. Anything else (negative, larger) is stretched from its own minimum and
+  maximum. PIL already reads 16-bit RGB(A) PNGs as 8-bit by keeping the high byte, which is a scaling.
 * An empty file, a file that is not an image, a truncated or undecodable image, and an image with more
   pixels than the limit (a decompression bomb, refused from its header before any decoding) are rejected
   with a reason the caller counts.
@@ -18,19 +23,24 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-EMPTY_FILE = "empty_file"
-NOT_AN_IMAGE = "not_an_image"
-TRUNCATED_IMAGE = "truncated_image"
-CORRUPT_IMAGE = "corrupt_image"
-TOO_MANY_PIXELS = "too_many_pixels"
-IMAGE_TOO_SMALL = "image_too_small"
-UNSUPPORTED_IMAGE = "unsupported_image"
+from pipeline.data.reasons import (
+    CORRUPT_IMAGE,
+    EMPTY_FILE,
+    IMAGE_TOO_SMALL,
+    NOT_AN_IMAGE,
+    TOO_MANY_PIXELS,
+    TRUNCATED_IMAGE,
+    UNSUPPORTED_IMAGE,
+)
 
 PIL_DEFAULT_MAX_PIXELS = 89_478_485
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-MODE_NAMES = {"L": "grayscale", "1": "bilevel", "P": "palette", "CMYK": "cmyk", "YCbCr": "ycbcr"}
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+MODE_NAMES = {"L": "grayscale", "1": "bilevel", "P": "palette", "CMYK": "cmyk", "YCbCr": "ycbcr",
+              "I": "int32", "F": "float32", **{mode: "gray16" for mode in SIXTEEN_BIT_MODES}}
 
 
 class BadImage(ValueError):
@@ -113,12 +123,32 @@ def resized_size(width: int, height: int, shorter: int) -> tuple[int, int] | Non
 def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
+    if image.mode in ("I", "F", *SIXTEEN_BIT_MODES):
+        return Image.fromarray(to_8bit(np.asarray(image)), "L").convert("RGB")
     if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def to_8bit(values: np.ndarray) -> np.ndarray:
+    """High bit-depth greyscale as uint8, scaled from the range its type implies (see the module docstring)."""
+    is_float = values.dtype.kind == "f"
+    values = values.astype(np.float32)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if is_float and low >= 0 and high <= 1:
+        top = 1.0
+    elif is_float and low >= 0 and high <= 255:
+        top = 255.0
+    elif low >= 0 and high <= 65535:
+        top = 65535.0
+    else:  # no range to assume: stretch the image's own
+        values, top = values - low, max(high - low, 1e-12)
+    values = np.nan_to_num(values, nan=0.0, posinf=top, neginf=0.0)
+    return np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
 def _open(data: bytes) -> Image.Image:

@@ -1,9 +1,14 @@
 """The one file that describes a sharded dataset: every shard with its sample count, size and sha256, the
-class index or caption field, what was skipped and why, and the settings that made it.
+class index or caption field, what was skipped, converted or renamed and why, and the settings that made it.
 
 Other readers' files are written from it, so they can never disagree with it: open_clip's ``sizes.json``,
 timm's ``_info.json`` and, for classification, ``classes.tsv``. ``manifest.json`` is written last: a
 dataset folder without it is unfinished.
+
+timm's wds reader takes a ``root`` folder and a split name, and its scripts default to the names ``train``
+and ``validation``. Each dataset folder's ``_info.json`` lists its split under its own name and, for ``val``,
+also as ``validation``; :func:`save_timm_splits` writes the sharding stage's folder one ``_info.json`` with
+every split (file names relative to that folder), which is the ``root`` timm expects.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ SIZES_FILE = "sizes.json"
 INFO_FILE = "_info.json"
 CLASSES_FILE = "classes.tsv"
 INDEX_FILES = (MANIFEST_FILE, SIZES_FILE, INFO_FILE, CLASSES_FILE)  # the manifest and what is written from it
+TIMM_SPLIT_NAMES = {"val": "validation"}  # our split folder -> the name timm's scripts use by default
 KIND_FIELDS = {
     "classification": {"image": "jpg", "label": "cls"},
     "captions": {"image": "jpg", "caption": "txt"},
@@ -66,6 +72,7 @@ class Manifest:
     classes: list[ClassInfo] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     converted: dict[str, int] = field(default_factory=dict)
+    renamed: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     created_by: str = f"kope {__version__}"
 
@@ -85,7 +92,7 @@ class Manifest:
             "format": FORMAT, "name": self.name, "kind": self.kind, "split": self.split, "fields": self.fields,
             "num_samples": self.num_samples, "shards": [asdict(shard) for shard in self.shards],
             "skipped": dict(sorted(self.skipped.items())), "converted": dict(sorted(self.converted.items())),
-            "config": self.config, "created_by": self.created_by,
+            "renamed": dict(sorted(self.renamed.items())), "config": self.config, "created_by": self.created_by,
         }
         if self.kind == "classification":
             data["classes"] = [asdict(info) for info in self.classes]
@@ -95,12 +102,16 @@ class Manifest:
         """open_clip's ``sizes.json``: samples per shard file name."""
         return {shard.name: shard.samples for shard in self.shards}
 
+    def timm_split(self, prefix: str = "") -> dict[str, Any]:
+        """timm's description of this dataset as one split; ``prefix`` goes before each shard's file name."""
+        return {"name": self.split, "num_samples": self.num_samples,
+                "filenames": [f"{prefix}{shard.name}" for shard in self.shards],
+                "shard_lengths": [shard.samples for shard in self.shards]}
+
     def timm_info(self) -> dict[str, Any]:
-        """timm's ``_info.json`` (read by ``ReaderWds``) with this dataset as split ``self.split``."""
-        split = {"name": self.split, "num_samples": self.num_samples,
-                 "filenames": [shard.name for shard in self.shards],
-                 "shard_lengths": [shard.samples for shard in self.shards]}
-        return {"name": self.name, "num_samples": self.num_samples, "splits": {self.split: split}}
+        """timm's ``_info.json`` (read by ``ReaderWds``) with this dataset as its one split."""
+        return {"name": self.name, "num_samples": self.num_samples,
+                "splits": _split_names(self.split, self.timm_split())}
 
     def save(self, directory: Path | str) -> Path:
         """Write the derived files, then ``manifest.json`` last, each atomically."""
@@ -150,8 +161,24 @@ class Manifest:
         return cls(
             name=check.typed(data, "name", str), kind=kind, shards=shards, split=check.typed(data, "split", str),
             classes=classes, skipped=check.counts(data, "skipped"), converted=check.counts(data, "converted"),
+            renamed=check.counts(data, "renamed") if "renamed" in data else {},
             config=check.typed(data, "config", dict), created_by=check.typed(data, "created_by", str),
         )
+
+
+def save_timm_splits(directory: Path | str, name: str, splits: dict[str, Manifest]) -> Path:
+    """The ``_info.json`` of a folder holding one dataset folder per split (``splits``: folder -> manifest)."""
+    entries: dict[str, Any] = {}
+    for folder, manifest in splits.items():
+        entries.update(_split_names(folder, manifest.timm_split(prefix=f"{folder}/")))
+    path = Path(directory) / INFO_FILE
+    atomic_write_json(path, {"name": name, "splits": entries})
+    return path
+
+
+def _split_names(split: str, info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``info`` under the split's own name and under timm's name for it, when that differs."""
+    return {name: {**info, "name": name} for name in dict.fromkeys([split, TIMM_SPLIT_NAMES.get(split, split)])}
 
 
 class _Checker:

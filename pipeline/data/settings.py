@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.core.config.types import InputPath, setting
+from pipeline.core.config.types import InputPath, SettingError, setting
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -110,6 +110,7 @@ class ImageNetShardSettings:
     workers: int = setting(0, ge=0, help="processes writing shards; 0: one per CPU", identity=False)
 
 
+
 @dataclass
 class DataCompShardSettings:
     """Stage ``shard_datacomp``: DataComp / LAION-style metadata or img2dataset shards to WebDataset shards."""
@@ -132,7 +133,16 @@ class DataCompShardSettings:
         "keep_ratio_largest", help="img2dataset resize_mode")
     resize_only_if_bigger: bool = setting(True, help="img2dataset resize_only_if_bigger")
     encode_quality: int = setting(95, ge=1, le=100, help="img2dataset JPEG quality")
-    timeout_s: float = setting(10.0, gt=0, help="per-request timeout")
+    timeout_s: float = setting(10.0, gt=0, help="deadline of each download request: connecting, headers and "
+                                                "body together (not per read), redirects included")
+    connect_timeout_s: float = setting(5.0, gt=0, help="seconds to open each download's connection (TCP, and TLS "
+                                                       "for https); at most timeout_s")
+    max_response_bytes: int = setting(32 * 1024 * 1024, ge=1, help="larger responses are abandoned while "
+                                                                   "streaming and counted as response_too_large")
+    url_schemes: list[Literal["http", "https", "ftp", "file", "data"]] = setting(
+        default_factory=lambda: ["http", "https"],
+        help="url schemes that may be downloaded; rows with any other are dropped before the download "
+             "(file:// would copy files of the downloading machine into the dataset)")
     retries: int = setting(0, ge=0, help="download retries per url")
     thread_count: int = setting(64, ge=1, help="download threads per process")
     processes: int = setting(1, ge=1, help="img2dataset processes")
@@ -146,3 +156,8 @@ class DataCompShardSettings:
     max_pixels: int = setting(PIL_DEFAULT_MAX_PIXELS, ge=1, help="larger images are dropped")
     quality: int = setting(90, ge=1, le=100, help="JPEG quality of images we convert (PNG, CMYK, ...)")
     workers: int = setting(0, ge=0, help="processes writing shards; 0: one per CPU", identity=False)
+
+    def check(self) -> None:
+        if self.connect_timeout_s > self.timeout_s:
+            raise SettingError("connect_timeout_s", f"{self.connect_timeout_s} is longer than the whole request's "
+                                                    f"deadline timeout_s {self.timeout_s}")

@@ -49,6 +49,7 @@ class Sample:
     height: int
     meta: dict[str, Any] = field(default_factory=dict)
     converted_from: str | None = None
+    renamed: str | None = None  # the reason its recorded name differs from its file's, e.g. name_not_utf8
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class ShardStats:
     skipped: dict[str, int]
     converted: dict[str, int]
     skipped_samples: list[dict[str, str]]
+    renamed: dict[str, int] = field(default_factory=dict)
 
     def info(self) -> ShardInfo:
         return ShardInfo(self.name, self.count, self.bytes, self.sha256)
@@ -119,6 +121,7 @@ def write_shard(directory: Path, job: ShardJob) -> ShardStats:
     rows: dict[str, list] = {"key": [], "uid": [], target_column: [], "width": [], "height": []}
     skipped: Counter = Counter()
     converted: Counter = Counter()
+    renamed: Counter = Counter()
     skipped_samples: list[dict[str, str]] = []
     with atomic_file(directory / name) as handle, tarfile.open(
             fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as tar:
@@ -133,10 +136,13 @@ def write_shard(directory: Path, job: ShardJob) -> ShardStats:
                 rows[column].append(value)
             if item.converted_from:
                 converted[item.converted_from] += 1
+            if item.renamed:
+                renamed[item.renamed] += 1
     atomic_write_bytes(directory / f"{job.index:06d}.parquet", _parquet_bytes(rows, target_column))
     tar_path = directory / name
     stats = ShardStats(name, len(rows["key"]), tar_path.stat().st_size, sha256_file(tar_path), job.fingerprint(),
-                       dict(sorted(skipped.items())), dict(sorted(converted.items())), skipped_samples)
+                       dict(sorted(skipped.items())), dict(sorted(converted.items())), skipped_samples,
+                       dict(sorted(renamed.items())))
     atomic_write_json(stats_path(directory, job.index), asdict(stats))
     return stats
 
@@ -203,11 +209,14 @@ def finish_dataset(directory: Path, plan: DatasetPlan, stats: list[ShardStats], 
     """Write the manifest (and the files derived from it) for shards that ``build_shards`` made."""
     skipped = Counter(plan.skipped)
     converted: Counter = Counter()
+    renamed: Counter = Counter()
     for shard in stats:
         skipped.update(shard.skipped)
         converted.update(shard.converted)
+        renamed.update(shard.renamed)
     manifest = Manifest(name=name, kind=kind, split=split, shards=[shard.info() for shard in stats],
-                        classes=classes or [], skipped=dict(skipped), converted=dict(converted), config=config)
+                        classes=classes or [], skipped=dict(skipped), converted=dict(converted),
+                        renamed=dict(renamed), config=config)
     manifest.save(directory)
     return manifest
 
@@ -220,6 +229,7 @@ def dataset_report(manifest: Manifest, plan: DatasetPlan, stats: list[ShardStats
     return {"name": manifest.name, "samples": manifest.num_samples, "shards": len(manifest.shards),
             "bytes": sum(shard.bytes for shard in manifest.shards), "skipped": manifest.skipped,
             "skipped_total": sum(manifest.skipped.values()), "converted": manifest.converted,
+            "renamed": manifest.renamed,
             "skipped_samples": samples[:REPORT_SAMPLE_LIMIT],
             "skipped_samples_truncated": len(samples) > REPORT_SAMPLE_LIMIT}
 

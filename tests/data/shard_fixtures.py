@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,21 @@ def rgba_png(seed: int) -> bytes:
     image = picture(seed).convert("RGBA")
     image.putalpha(128)
     return encode(image, "PNG")
+
+
+def png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by the channel count) written by hand: PIL cannot write the
+    colour ones."""
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 GOOD = "good"

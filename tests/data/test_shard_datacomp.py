@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import re
+import tarfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.errors import KopeError
-from pipeline.data.datacomp_source import BadShardError
+from pipeline.data.datacomp_source import BadShardError, SampleFilters, plan_reshard, write_download_list
+from pipeline.data.images import ImageOptions
 from pipeline.data.manifest import Manifest
+from pipeline.data.reasons import is_documented
 from pipeline.data.settings import DataCompShardSettings
+from pipeline.data.uids import UidColumnError
 from stages import shard_datacomp
 from tests.data.shard_fixtures import (
     cmyk_jpeg,
@@ -121,6 +129,7 @@ def test_reshard_keeps_subset_and_counts_every_drop(tmp_path, form):
     dropped = Counter(outcome for _, outcome in rows if isinstance(outcome, str) and outcome != "kept")
     converted = Counter(outcome[1] for _, outcome in rows if isinstance(outcome, tuple))
     assert manifest.skipped == dict(dropped) and manifest.converted == dict(converted)
+    assert all(is_documented(reason) for reason in manifest.skipped)
     kept = [r for r, outcome in rows if outcome == "kept" or isinstance(outcome, tuple)]
     found = stored(out_dir / "train")
     assert [s["meta"]["uid"] for s in found] == [r["uid"] for r in kept]
@@ -180,3 +189,118 @@ def test_array_tasks_write_their_range_and_run_finishes(tmp_path):
     shard_datacomp.run(settings, ctx)
     assert {p.name: p.read_bytes() for p in (ctx.out_dir / "train").iterdir()} == {
         p.name: p.read_bytes() for p in (reference / "train").iterdir()}
+
+
+# --- hostile inputs: uid types, repeated keys, cut tars ----------------------------------------------------
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar with exactly these members, in this order (duplicates allowed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def sample_members(key: str, caption: str, uid_value, seed: int) -> list[tuple[str, bytes]]:
+    return [(f"{key}.jpg", jpeg(seed)), (f"{key}.txt", caption.encode()),
+            (f"{key}.json", json.dumps({"uid": uid_value, "original_width": 48, "original_height": 40}).encode())]
+
+
+def test_uids_of_any_type_are_stored_as_strings(tmp_path):
+    """LAION-style integer uids, binary uids and integer uids in a tar's json all become strings."""
+    source = tmp_path / "input"
+    write_img2dataset_shard(source, 0, [row(n, uid=(n + 1) * 1000) for n in range(3)])  # an int64 uid column
+    write_img2dataset_shard(source, 1, [row(n) for n in range(3, 5)])
+    parquet = pq.read_table(source / "00001.parquet")  # with a binary uid column
+    parquet = parquet.set_column(parquet.schema.get_field_index("uid"), "uid", pa.array([b"\3" * 16, b"\4" * 16]))
+    pq.write_table(parquet, source / "00001.parquet")
+    write_tar(source / "00002.tar", sample_members("k0", "int zero", 0, 5) + sample_members("k1", "big", 2**62, 6)
+              + sample_members("k2", "float", 1.5, 7))
+    _, out_dir = run_stage(tmp_path, source)
+    found = stored(out_dir / "train")
+    assert [s["meta"]["uid"] for s in found] == ["1000", "2000", "3000", "03" * 16, "04" * 16, "0", str(2**62)]
+    assert Manifest.load(out_dir / "train").skipped == {"bad_uid": 1}
+    table = pq.read_table(out_dir / "train" / "000000.parquet")
+    assert table.schema.field("uid").type == pa.string()
+
+
+def test_a_uid_column_of_the_wrong_type_is_one_line_naming_file_and_column(tmp_path):
+    source = tmp_path / "input"
+    write_img2dataset_shard(source, 0, [row(n, uid=n + 0.5) for n in range(2)])
+    with pytest.raises(UidColumnError, match=r"00000\.parquet: column 'uid': uids must be integers, strings or "
+                                             r"bytes, got double$"):
+        run_stage(tmp_path, source)
+    metadata = tmp_path / "metadata"
+    metadata.mkdir()
+    pq.write_table(pa.table({"uid": [1.5, 2.5], "url": ["http://x/a.jpg"] * 2, "text": ["a", "b"],
+                             "SAMPLE_ID": [[1], [2]]}), metadata / "part.parquet")
+    ctx = stage_context(tmp_path / "download", "shard_datacomp")
+    for column, kind in (("uid", "double"), ("SAMPLE_ID", "list<element: int64>")):
+        settings = DataCompShardSettings(source=str(metadata), uid_col=column, workers=1)
+        with pytest.raises(KopeError, match=rf"part\.parquet: column '{column}': .* got {re.escape(kind)}$"):
+            shard_datacomp.run(settings, ctx)  # before anything is downloaded
+        assert not (ctx.out_dir / "_download" / "shards").exists()
+
+
+def test_rows_left_out_of_a_download_are_counted_and_listed(tmp_path):
+    metadata = tmp_path / "metadata.parquet"
+    pq.write_table(pa.table({"uid": ["a", None, "c", "d", "e", "f"], "text": ["t"] * 6,
+                             "url": ["http://h/a.jpg", "http://h/b.jpg", None, "file:///etc/passwd",
+                                     "gopher://h/e", "HTTPS://h/f.jpg"]}), metadata)
+    rows, dropped = write_download_list(metadata, tmp_path / "list.parquet", url_col="url", caption_col="text",
+                                        uid_col="uid", extra_columns=[], subset=None, base_url=None)
+    assert rows == 2 and pq.read_table(tmp_path / "list.parquet").column("uid").to_pylist() == ["a", "f"]
+    assert dropped.counts == {"missing_uid": 1, "missing_url": 1, "url_scheme_not_allowed": 2}
+    assert [(s["reason"], s["source"], s["detail"]) for s in dropped.samples] == [
+        ("missing_uid", "metadata.parquet:row 1", "http://h/b.jpg"), ("missing_url", "metadata.parquet:row 2", "c"),
+        ("url_scheme_not_allowed", "metadata.parquet:row 3", "file:///etc/passwd"),
+        ("url_scheme_not_allowed", "metadata.parquet:row 4", "gopher://h/e")]
+    source = tmp_path / "input"
+    make_input(source)
+    plan = plan_reshard(source, samples_per_shard=4, filters=SampleFilters(), image=ImageOptions(), source="t",
+                        dropped_before=dropped)
+    assert plan.skipped["url_scheme_not_allowed"] == 2
+    assert plan.skipped_samples[:4] == dropped.samples
+
+
+def test_repeated_keys_in_an_input_shard_keep_the_first_and_are_counted(tmp_path):
+    source = tmp_path / "input"
+    # a parquet listing a key twice, with a tar holding two samples of it: one repeated sample
+    write_img2dataset_shard(source, 0, [row(0), row(1), row(1, uid=uid(91), caption="second row")])
+    # a tar without parquet whose key comes back in a later sample, and one repeating a member in a sample
+    write_tar(source / "00001.tar", sample_members("a", "first a", uid(92), 2) + sample_members("b", "b", uid(93), 3)
+              + sample_members("a", "second a", uid(94), 4))
+    write_tar(source / "00002.tar",
+              sample_members("c", "first c", uid(95), 5) + sample_members("c", "again", uid(96), 6))
+    # a parquet-listed key whose tar holds two samples of it
+    write_img2dataset_shard(source, 3, [row(7)])
+    tar = source / "00003.tar"
+    write_tar(tar, [(m.name, data) for m, data in read_tar(tar)] + sample_members(f"{7:09d}", "late", uid(97), 8))
+    # a parquet listing a key twice whose tar has it once (before, a KeyError naming no shard)
+    write_img2dataset_shard(source, 4, [row(9)])
+    parquet = pq.read_table(source / "00004.parquet")
+    pq.write_table(pa.concat_tables([parquet, parquet]), source / "00004.parquet")
+    _, out_dir = run_stage(tmp_path, source)
+    found = stored(out_dir / "train")
+    assert [s["caption"] for s in found] == ["a photo of thing 0", "a photo of thing 1", "first a", "b", "first c",
+                                             "a photo of thing 7", "a photo of thing 9"]
+    assert Manifest.load(out_dir / "train").skipped == {"duplicate_key": 5}
+    report = json.loads((out_dir / "report.json").read_text())["train"]
+    assert sorted(s["source"] for s in report["skipped_samples"]) == [
+        "00000.tar/000000001", "00001.tar/a", "00002.tar/c", "00003.tar/000000007", "00004.tar/000000009"]
+
+
+def test_a_tar_cut_at_a_member_boundary_is_a_truncated_shard(tmp_path):
+    source = tmp_path / "input"
+    write_tar(source / "00000.tar", sample_members("a", "a", uid(1), 1) + sample_members("b", "b", uid(2), 2))
+    with tarfile.open(source / "00000.tar") as archive:
+        last = archive.getmembers()[2]  # the end of sample a
+    end = last.offset_data + -(-last.size // 512) * 512
+    tar = source / "00000.tar"
+    tar.write_bytes(tar.read_bytes()[:end])
+    assert [m.name for m, _ in read_tar(tar)] == ["a.jpg", "a.txt", "a.json"]  # tarfile itself sees nothing wrong
+    with pytest.raises(BadShardError, match=rf"00000\.tar: truncated shard: it ends at byte {end} without the tar "
+                                            r"end-of-archive marker"):
+        run_stage(tmp_path, source)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.images import BadImage, ImageOptions, prepare_image
-from tests.data.shard_fixtures import CONVERTED_FILES, SKIPPED_FILES, jpeg, picture
+from tests.data.shard_fixtures import CONVERTED_FILES, SKIPPED_FILES, encode, jpeg, picture, png16
 
 
 @pytest.mark.parametrize("kind", sorted(SKIPPED_FILES))
@@ -62,3 +62,37 @@ def test_pixel_limit_and_minimum_size_are_enforced():
     assert prepare_image(data, ImageOptions(max_pixels=100 * 80)).width == 100
     with pytest.raises(BadImage, match="image_too_small"):
         prepare_image(data, ImageOptions(min_size=81))
+
+
+def ramp(top: float, dtype: str, size: tuple[int, int] = (40, 48)) -> np.ndarray:
+    return np.linspace(0, top, size[0] * size[1]).reshape(size).astype(dtype)
+
+
+GREY16 = ramp(65535, "uint16")
+RGB16 = np.stack([GREY16, GREY16[::-1], GREY16[:, ::-1]], axis=2)
+# name -> (bytes, what it is converted from, the 8-bit picture expected)
+HIGH_DEPTH = {
+    "png_gray16": (png16(GREY16), "png_gray16", GREY16 / 257),
+    "png_rgb16": (png16(RGB16), "png", RGB16 / 257),
+    "png_rgba16": (png16(np.concatenate([RGB16, np.full_like(GREY16, 65535)[..., None]], axis=2)), "png_rgba",
+                   RGB16 / 257),
+    "tiff_gray16": (encode(Image.fromarray(GREY16), "TIFF"), "tiff_gray16", GREY16 / 257),
+    "tiff_float_unit": (encode(Image.fromarray(ramp(1.0, "float32"), "F"), "TIFF"), "tiff_float32",
+                        ramp(255.0, "float32")),
+    "tiff_float_255": (encode(Image.fromarray(ramp(200.0, "float32"), "F"), "TIFF"), "tiff_float32",
+                       ramp(200.0, "float32")),
+    "tiff_int32_wide": (encode(Image.fromarray(ramp(1e6, "int32") - 500_000, "I"), "TIFF"), "tiff_int32",
+                        ramp(255.0, "float32")),  # no range to assume: its own minimum..maximum
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HIGH_DEPTH))
+def test_high_bit_depth_images_are_scaled_not_clipped(kind):
+    data, source, expected = HIGH_DEPTH[kind]
+    result = prepare_image(data, ImageOptions())
+    assert result.converted_from == source
+    stored = np.asarray(Image.open(io.BytesIO(result.data)), np.float32)
+    if expected.ndim == 2:
+        expected = np.repeat(expected[..., None], 3, axis=2)
+    assert stored.shape == expected.shape
+    assert np.abs(stored - expected).mean() < 2.5
