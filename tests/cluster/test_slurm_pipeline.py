@@ -28,7 +28,7 @@ def kope(env: dict, *args: str, timeout: float = JOB_TIMEOUT_S) -> subprocess.Co
 
 
 def job_of(run_dir: Path, name: str) -> str:
-    return read_state(run_dir, name).extra["slurm"]["job_id"]
+    return read_state(run_dir, name).job.job_id
 
 
 def profile(tmp_path: Path, **slurm) -> str:
@@ -161,11 +161,11 @@ def test_stage_with_parts_runs_as_an_array_job(write_pipeline, kope_env, tmp_pat
                 "--wait", "--poll-s", "1")
     assert done.returncode == 0, done.stderr
     state = read_state(run_dir, "parts")
-    array = state.extra["slurm"]["array_job_id"]
+    array = state.job.array_job_id
     assert state.status == "done" and state.outputs == {"items": 7, "written_by_run": 0}
     writers = {json.loads((run_dir / "parts" / f"item{i}.json").read_text())["writer"] for i in range(7)}
     assert writers == {f"part {part}/3 task {array}_{part}" for part in range(3)}
-    assert f"--dependency=afterok:{array}" in submission_script(run_dir, state.extra["slurm"]["job_id"])
+    assert f"--dependency=afterok:{array}" in submission_script(run_dir, state.job.job_id)
     assert all((run_dir / "logs" / f"parts.part{part}.log").exists() for part in range(3))
     assert query_jobs([array])[array].describe() == "COMPLETED (3/3 tasks done)"
 
@@ -183,7 +183,8 @@ def test_two_nodes_all_reduce_under_srun_with_ranks_from_slurm(write_pipeline, k
     assert [r["all_reduce"] for r in ranks] == [3.0, 3.0]
     assert read_state(run_dir, "probe").pid == ranks[0]["pid"], "rank 0 wrote the state file"
     written = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and "slurm" not in p.parts}
-    assert written == {".lock", "config.yaml", "state/probe.json", "logs/kope.log", "logs/probe.log",
+    snapshot = read_state(run_dir, "probe").job.config
+    assert written == {".lock", "config.yaml", snapshot, "state/probe.json", "logs/kope.log", "logs/probe.log",
                        "logs/probe.rank1.log", "probe/result.json"}, "rank 1 writes nothing but its own log"
 
 

@@ -23,7 +23,11 @@ def reports(folder: Path, world: int) -> list[dict]:
 
 
 def run_dir_files(run_dir: Path) -> set[str]:
-    return {str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if path.is_file()}
+    """The run directory's files, its one config snapshot (written by node 0, read by both) as ``SNAPSHOT``."""
+    files = {str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if path.is_file()}
+    snapshots = {name for name in files if name.startswith("snapshots/")}
+    assert len(snapshots) == 1, snapshots
+    return (files - snapshots) | {"SNAPSHOT"}
 
 
 def run_on_two_nodes(pipeline: Path, env: dict[str, str], expected_code: int = 0) -> list[str]:
@@ -46,7 +50,8 @@ def test_two_torchrun_nodes_run_a_stage_and_only_rank_0_writes(write_pipeline, k
     assert [(r["rank"], r["world_size"], r["all_reduce"]) for r in ranks] == [(0, 2, 3.0), (1, 2, 3.0)]
     assert read_state(run_dir, "probe").status == "done"
     assert read_state(run_dir, "probe").pid == ranks[0]["pid"]
-    assert run_dir_files(run_dir) == {".lock", "config.yaml", "state/probe.json", "logs/kope.log", "logs/probe.log",
+    assert run_dir_files(run_dir) == {".lock", "config.yaml", "SNAPSHOT", "state/probe.json", "logs/kope.log",
+                                      "logs/probe.log",
                                       "logs/probe.rank1.log", "probe/result.json"}
 
 
@@ -70,7 +75,8 @@ def test_pretrain_on_two_torchrun_nodes_trains_like_two_local_processes(pretrain
     events = {name for name in outside_checkpoints if name.startswith("pretrain/tensorboard/")}
     assert len(events) == 1, "one TensorBoard writer"
     assert outside_checkpoints - events == {
-        ".lock", "config.yaml", "state/pretrain.json", "logs/kope.log", "logs/pretrain.log", "logs/pretrain.rank1.log",
+        ".lock", "config.yaml", "SNAPSHOT", "state/pretrain.json", "logs/kope.log", "logs/pretrain.log",
+        "logs/pretrain.rank1.log",
         "pretrain/model.json", "pretrain/model.safetensors"}
 
 
