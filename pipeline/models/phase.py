@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import nn
 
 MIX_EPS = 1e-5
@@ -347,9 +347,10 @@ class KuramotoCoupling(nn.Module):
     """The data-dependent coupling K and one Kuramoto step, shared by every block.
 
     ``rms_qk`` (default): ``K = softmax(⟨s_h ⊙ rms(Wq x'), rms(Wk x')⟩ / √D)`` per head, mean field
-    ``m = K·z``. ``vo_proj`` (the authors' supervised variant): LayerNorm on ``x'``, no RMS norm or query
-    scale, and ``m = Wo·(K·Wv z)`` with projections that mix heads. Both attentions are one SDPA call whose
-    values are the phasors ``[cos | sin]``. The step size γ is stored as ``ρ`` with ``γ = min(softplus(ρ), 1)``:
+    ``m = K·z``. ``vo_proj`` (the authors' supervised variant): no RMS norm or query scale, and
+    ``m = Wo·(K·Wv z)`` with projections that mix heads; its LayerNorm on ``x'`` belongs to each block
+    (``KopeBlock.phase_norm``), so the caller passes the normalised tokens. Both attentions are one SDPA call
+    whose values are the phasors ``[cos | sin]``. The step size γ is stored as ``ρ`` with ``γ = min(softplus(ρ), 1)``:
     a buffer when fixed, a parameter (no weight decay) when learnable.
     """
 
@@ -360,7 +361,6 @@ class KuramotoCoupling(nn.Module):
         gamma: float = 0.05,
         learnable_gamma: bool = False,
         variant: CouplingVariant = "rms_qk",
-        norm_layer: type[nn.Module] = LayerNorm,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -377,11 +377,9 @@ class KuramotoCoupling(nn.Module):
         self.qk = nn.Linear(dim, 2 * dim, **dd)
         if variant == "rms_qk":
             self.q_scale = nn.Parameter(torch.empty(num_heads, self.head_dim, **dd))
-            self.norm = nn.Identity()
             self.v = self.o = None
         else:
             self.q_scale = None
-            self.norm = norm_layer(dim, **dd)
             self.v = nn.Linear(dim, dim, **dd)
             self.o = nn.Linear(dim, dim, **dd)
         raw = torch.empty((), device=device, dtype=torch.float32)
@@ -410,7 +408,6 @@ class KuramotoCoupling(nn.Module):
         """``m = K·z`` (or ``Wo·K·Wv z``): ``(B, H, N, 2R)`` from tokens ``(B, N, C)`` and phasors ``z``."""
         b, n, c = x.shape
         h, d = self.num_heads, self.head_dim
-        x = self.norm(x)
         q, k = self.qk(x).view(b, n, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         z = z.expand(b, h, n, d)
         if self.q_scale is not None:
@@ -422,5 +419,6 @@ class KuramotoCoupling(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, n, c)).view(b, n, h, d).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The phasors after one Kuramoto step driven by the post-block tokens ``x``."""
+        """The phasors after one Kuramoto step driven by the post-block tokens ``x`` (for ``vo_proj``, after
+        the block's own LayerNorm)."""
         return kuramoto_step(z, self.mean_field(x, z), self.gamma)
