@@ -178,7 +178,8 @@ class KopeVisionTransformer(VisionTransformer):
     at their 2-D RoPE initialisation, a RoPE ViT), ``vo_rotation`` (False: rotate q and k only),
     ``phase_mix`` (False: M = I), ``coupling`` (``"rms_qk"``, or ``"vo_proj"``: the authors' supervised
     variant, with a LayerNorm per block before the shared coupling), ``gamma`` and ``learnable_gamma`` (the
-    Kuramoto step size), ``rope_base`` and ``mix_init_gain``.
+    Kuramoto step size), ``rope_base`` and ``mix_init_gain``. ``norm_eps`` sets the epsilon of every
+    LayerNorm (timm's default 1e-6; open_clip's towers use 1e-5) by a plain number, so exported configs stay JSON.
 
     Beyond timm's API: ``forward_feature_dict`` (CLS, register and patch tokens plus the final patch phases)
     and ``forward_cls_attention`` (per-block CLS attention and rotation phases for analysis).
@@ -195,8 +196,13 @@ class KopeVisionTransformer(VisionTransformer):
         learnable_gamma: bool = False,
         rope_base: float = ph.ROPE_BASE,
         mix_init_gain: float = 0.1,
+        norm_eps: float | None = None,
         **kwargs: Any,
     ) -> None:
+        if norm_eps is not None:
+            if "norm_layer" in kwargs:
+                raise ValueError("give either norm_eps or norm_layer, not both")
+            kwargs["norm_layer"] = partial(LayerNorm, eps=norm_eps)
         if not kope:
             super().__init__(**kwargs)
         else:
