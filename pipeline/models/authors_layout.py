@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.models.phase import inverse_softplus
+from pipeline.models.phase import bounded_softplus, inverse_softplus
 
 __all__ = ["FORMATS", "LayoutError", "OurModel", "read_release", "model_for", "from_authors", "to_authors"]
 
@@ -300,7 +300,7 @@ def to_authors(fmt: Format, ours: Mapping[str, torch.Tensor], target: OurModel) 
         rule, names = _find_rule(rules, key)
         if key.endswith("coupling.gamma_raw") and not learnable:
             if fmt != "open_clip":  # their fixed γ: one buffer per block; the open_clip tower's is in its config
-                gamma = min(math.log1p(math.exp(float(tensor))), 1.0)
+                gamma = float(bounded_softplus(tensor.double()))
                 depth = len({k.split(".")[1] for k in ours if k.startswith("blocks.")})
                 theirs.update({f"blocks.{i}.phase_gamma": torch.tensor(gamma) for i in range(depth)})
             continue
