@@ -33,16 +33,16 @@ import torch
 import yaml
 
 import pipeline.models  # noqa: F401  (registers the KoPE models and towers)
-from pipeline.errors import KopeError
+from pipeline.checkpoint.consolidate import ConsolidatedCheckpoint
+from pipeline.checkpoint.files import load_checkpoint_file
+from pipeline.core.errors import KopeError
+from pipeline.core.fsutil import atomic_write_text, sha256_file
 from pipeline.export.checksums import write_checksums
-from pipeline.export.consolidate import ConsolidatedCheckpoint
 from pipeline.export.exporter import TrainedModel, load_into, write_export
 from pipeline.export.model_card import CardFacts, kope_settings, load_snippets, render_card
 from pipeline.export.package import CARD_FILE
 from pipeline.export.recipe import ModelRecipe
-from pipeline.export.safe_load import load_checkpoint_file
 from pipeline.export.timm_format import CONFIG_FILE, WEIGHTS_FILE
-from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.models import authors_layout as layout
 
 MODES = {"supervised": "supervised", "simdino": "dino", "open_clip": "clip"}

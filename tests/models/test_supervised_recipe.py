@@ -7,7 +7,7 @@ import torch
 import yaml
 
 import pipeline.models  # noqa: F401  (registers the KoPE models)
-from pipeline.config.loader import load_pipeline
+from pipeline.core.config.loader import load_pipeline
 from tests.train.helpers import REPO
 
 RECIPE = REPO / "configs" / "recipes" / "supervised.yaml"
