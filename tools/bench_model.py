@@ -5,17 +5,24 @@ enabled, after warm-up), TFLOP/s from torch's FLOP counter, peak GPU memory and 
 for backward (an eager-mode activation figure that also works on the CPU). The KoPE line carries its ratios
 to the ViT line.
 
+``kope_output_saving`` is the same KoPE model with the rotation backward it had before it was made exact: that
+one saved the rotated output (which attention keeps anyway) and recovered the input by the inverse rotation,
+which is right only for unit phasors. Measured in the same run, the KoPE line then also carries its ratios to
+it: what the exact gradient costs in activation memory and step time.
+
     python tools/bench_model.py --threads 1           # CPU defaults: tiny models, 64 px, a few steps
     python tools/bench_model.py --device cuda --size base --batch 256 --img-size 224 --steps 50
     python tools/bench_model.py --kope-args '{"vo_rotation": false}'   # an ablation
+    python tools/bench_model.py --threads 1 --models vit,kope_output_saving,kope   # exact vs output-saving
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import timm
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import pipeline.models  # noqa: F401  (registers the KoPE models)
+from pipeline.models import phase as ph
 
 CPU_DEFAULTS = dict(size="tiny", batch=8, img_size=64, steps=4, warmup=2)
 CUDA_DEFAULTS = dict(size="base", batch=256, img_size=224, steps=30, warmup=10)
@@ -44,6 +52,37 @@ CPU_ATTENTION_FLOPS = {
 }
 
 
+class OutputSavingRotation(ph._PairRotation):
+    """The pre-exact rotation backward, for comparison only: saves the output, recovers ``x = y·e^{∓iψ}``."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        _, rot, ctx.conj = inputs
+        ctx.save_for_backward(output, rot)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        y, rot = ctx.saved_tensors
+        recovered = ph.rotate_pairs(y.detach(), rot.detach(), conj=not ctx.conj)
+        return (*ph.pair_rotation_grads(grad, recovered, rot, ctx.conj, ctx.needs_input_grad[:2]), None)
+
+
+@contextlib.contextmanager
+def rotation_backward(kind: str) -> Iterator[None]:
+    """Run with the exact rotation backward (``exact``) or the output-saving one it replaced."""
+    if kind == "exact":
+        yield
+        return
+    exact, ph._PairRotation = ph._PairRotation, OutputSavingRotation
+    try:
+        yield
+    finally:
+        ph._PairRotation = exact
+
+
+VARIANTS = {"vit": "exact", "kope": "exact", "kope_output_saving": "output_saving"}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,9 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the models (default: on with CUDA, off on the CPU)")
     parser.add_argument("--kope-args", type=json.loads, default={}, help="JSON of extra KoPE constructor options")
-    parser.add_argument("--models", default="vit,kope", help="comma-separated subset of vit,kope")
+    parser.add_argument("--models", default="vit,kope", help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--threads", type=int, help="CPU threads (on a shared machine 1 gives stable figures)")
     args = parser.parse_args(argv)
+    unknown = set(args.models.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
     defaults = CUDA_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -157,12 +199,12 @@ def measure(name: str, args: argparse.Namespace, extra: dict[str, Any]) -> dict[
     return result
 
 
-def with_ratios(kope: dict[str, Any], vit: dict[str, Any]) -> dict[str, Any]:
-    ratios = {"img_per_s": kope["img_per_s"] / vit["img_per_s"]}
-    ratios["saved_activations"] = kope["saved_activations_mb"] / vit["saved_activations_mb"]
-    if kope["peak_mem_gb"] is not None:
-        ratios["peak_mem"] = kope["peak_mem_gb"] / vit["peak_mem_gb"]
-    return {**kope, "vs_vit": {k: round(v, 3) for k, v in ratios.items()}}
+def ratios(line: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
+    out = {"img_per_s": line["img_per_s"] / reference["img_per_s"],
+           "saved_activations": line["saved_activations_mb"] / reference["saved_activations_mb"]}
+    if line["peak_mem_gb"] is not None:
+        out["peak_mem"] = line["peak_mem_gb"] / reference["peak_mem_gb"]
+    return {key: round(value, 3) for key, value in out.items()}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -171,15 +213,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     wanted = args.models.split(",")
     results: dict[str, dict[str, Any]] = {}
-    if "vit" in wanted:
-        results["vit"] = measure(f"vit_{args.size}_patch16_224", args, {})
-        print(json.dumps(results["vit"]), flush=True)
-    if "kope" in wanted:
-        kope = measure(f"vit_kope_{args.size}_patch16_224", args, args.kope_args)
-        if args.kope_args:
-            kope["kope_args"] = args.kope_args
-        results["kope"] = with_ratios(kope, results["vit"]) if "vit" in results else kope
-        print(json.dumps(results["kope"]), flush=True)
+    for variant in ("vit", "kope_output_saving", "kope"):  # the reference lines first
+        if variant not in wanted:
+            continue
+        name = f"vit_{args.size}_patch16_224" if variant == "vit" else f"vit_kope_{args.size}_patch16_224"
+        with rotation_backward(VARIANTS[variant]):
+            line = measure(name, args, {} if variant == "vit" else args.kope_args)
+        if variant != "vit":
+            line["rotation_backward"] = VARIANTS[variant]
+            if args.kope_args:
+                line["kope_args"] = args.kope_args
+            if "vit" in results:
+                line["vs_vit"] = ratios(line, results["vit"])
+            if variant == "kope" and "kope_output_saving" in results:
+                line["vs_output_saving"] = ratios(line, results["kope_output_saving"])
+        results[variant] = line
+        print(json.dumps(line), flush=True)
     return list(results.values())
 
 

@@ -2,10 +2,18 @@
 
 open_clip builds a timm vision tower from ``vision_cfg.timm_model_name`` alone: it passes no extra timm
 arguments (only drop-path and patch-drop rates) and not even the image size. So the KoPE settings a CLIP
-tower needs are carried by timm names registered here, ``vit_kope_{tiny,small,base}_patch16_clip_*``:
-each builds the matching ``vit_kope_*`` model with γ fixed (the paper's CLIP recipe), the tower's input size
-and no classifier. The JSON configs beside this module (``open_clip_configs/ViT-KoPE-*.json``) name those
-towers next to open_clip's own text tower; ``register_open_clip_configs`` adds them to open_clip's registry.
+tower needs are carried by timm names registered here, each building the matching ``vit_kope_*`` model with γ
+fixed (the paper's CLIP recipe), the tower's input size and no classifier:
+
+- ``vit_kope_{tiny,small,base}_patch16_clip_*`` and ``vit_kope_demo_patch8_clip_64``: the authors' CLIP tower
+  (open_clip's vision transformer with KoPE, their ``ViT-KoPE-B-16``), as timm names its CLIP towers: a
+  LayerNorm after the patch and position embeddings (``norm_pre``, their ``ln_pre``), LayerNorm eps 1e-5
+  throughout and a patch convolution without bias. The ``ViT-KoPE-*`` configs use these.
+- ``vit_kope_*_timm_clip_*``: the timm KoPE ViT unchanged as a tower (no pre-norm, eps 1e-6, patch bias),
+  what this package's CLIP configs built before they followed the authors.
+
+The JSON configs beside this module (``open_clip_configs/ViT-KoPE-*.json``) name the towers next to open_clip's
+own text tower; ``register_open_clip_configs`` adds them to open_clip's registry.
 
 In those configs ``timm_pool: "token"`` pools the CLS token and ``timm_proj: "linear"`` adds a bias-free
 projection to the joint embedding, as open_clip's own ViT does. ``timm_model_pretrained`` is overwritten by
@@ -33,6 +41,13 @@ OPEN_CLIP_CONFIG_DIR = Path(__file__).with_name("open_clip_configs")
 _TOWER_SETTINGS = {"learnable_gamma": False, "num_classes": 0}
 """What every CLIP tower fixes: γ is a buffer (not trained), and open_clip adds its own projection."""
 
+AUTHORS_SCAFFOLD = {"pre_norm": True, "norm_eps": 1e-5}
+"""open_clip's ViT around the KoPE blocks: ``ln_pre`` (timm's ``norm_pre``, which also drops the patch bias)
+and LayerNorm eps 1e-5."""
+
+DEMO = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
+"""A 2-block, 64-wide ViT/8: small enough to learn the demo data in minutes on a CPU."""
+
 
 def _cfg(image_size: int) -> dict[str, Any]:
     return {
@@ -50,48 +65,75 @@ def _cfg(image_size: int) -> dict[str, Any]:
     }
 
 
+_TOWERS = {  # name stem -> (registered KoPE ViT it builds, input size, size options)
+    "vit_kope_tiny_patch16_{}_64": ("vit_kope_tiny_patch16_224", 64, {}),
+    "vit_kope_demo_patch8_{}_64": ("vit_kope_tiny_patch16_224", 64, DEMO),
+    "vit_kope_small_patch16_{}_224": ("vit_kope_small_patch16_224", 224, {}),
+    "vit_kope_base_patch16_{}_224": ("vit_kope_base_patch16_224", 224, {}),
+}
 default_cfgs = generate_default_cfgs(
-    {
-        "vit_kope_tiny_patch16_clip_64": _cfg(64),
-        "vit_kope_demo_patch8_clip_64": _cfg(64),
-        "vit_kope_small_patch16_clip_224": _cfg(224),
-        "vit_kope_base_patch16_clip_224": _cfg(224),
-    }
+    {stem.format(kind): _cfg(size) for stem, (_, size, _) in _TOWERS.items() for kind in ("clip", "timm_clip")}
 )
 
 
-def _create_clip_tower(variant: str, base: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """Build ``base`` (a registered KoPE ViT) with the tower's settings and its own pretrained cfg."""
+def _create_clip_tower(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """Build the tower ``variant`` (a name from ``_TOWERS``) with the tower settings and its own pretrained cfg."""
+    kind = "timm_clip" if "_timm_clip_" in variant else "clip"
+    base, _, size_options = _TOWERS[variant.replace(f"_{kind}_", "_{}_")]
     pretrained_cfg = resolve_pretrained_cfg(
         variant, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None)
     )
-    settings = dict(_TOWER_SETTINGS, img_size=pretrained_cfg.input_size[-1]) | kwargs
+    scaffold = AUTHORS_SCAFFOLD if kind == "clip" else {}
+    settings = dict(_TOWER_SETTINGS, img_size=pretrained_cfg.input_size[-1], **scaffold, **size_options) | kwargs
     return timm.create_model(base, pretrained=pretrained, pretrained_cfg=pretrained_cfg, **settings)
 
 
 @register_model
 def vit_kope_tiny_patch16_clip_64(pretrained: bool = False, **kwargs) -> nn.Module:
-    """KoPE ViT-Ti/16 CLIP tower at 64 px (CPU demos and tests)."""
-    return _create_clip_tower("vit_kope_tiny_patch16_clip_64", "vit_kope_tiny_patch16_224", pretrained, **kwargs)
+    """The authors' KoPE CLIP tower at ViT-Ti/16 size, 64 px (CPU demos and tests)."""
+    return _create_clip_tower("vit_kope_tiny_patch16_clip_64", pretrained, **kwargs)
 
 
 @register_model
 def vit_kope_demo_patch8_clip_64(pretrained: bool = False, **kwargs) -> nn.Module:
-    """A 2-block, 64-wide KoPE ViT/8 CLIP tower at 64 px: small enough to learn the demo data in minutes on a CPU."""
-    demo = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2} | kwargs
-    return _create_clip_tower("vit_kope_demo_patch8_clip_64", "vit_kope_tiny_patch16_224", pretrained, **demo)
+    """The authors' KoPE CLIP tower, 2 blocks 64 wide with patch 8 at 64 px (the demo pipeline's)."""
+    return _create_clip_tower("vit_kope_demo_patch8_clip_64", pretrained, **kwargs)
 
 
 @register_model
 def vit_kope_small_patch16_clip_224(pretrained: bool = False, **kwargs) -> nn.Module:
-    """KoPE ViT-S/16 CLIP tower at 224 px."""
-    return _create_clip_tower("vit_kope_small_patch16_clip_224", "vit_kope_small_patch16_224", pretrained, **kwargs)
+    """The authors' KoPE CLIP tower at ViT-S/16 size, 224 px."""
+    return _create_clip_tower("vit_kope_small_patch16_clip_224", pretrained, **kwargs)
 
 
 @register_model
 def vit_kope_base_patch16_clip_224(pretrained: bool = False, **kwargs) -> nn.Module:
-    """KoPE ViT-B/16 CLIP tower at 224 px (the paper's CLIP vision tower)."""
-    return _create_clip_tower("vit_kope_base_patch16_clip_224", "vit_kope_base_patch16_224", pretrained, **kwargs)
+    """The authors' ViT-KoPE-B-16 vision tower: ViT-B/16 at 224 px (the paper's CLIP tower)."""
+    return _create_clip_tower("vit_kope_base_patch16_clip_224", pretrained, **kwargs)
+
+
+@register_model
+def vit_kope_tiny_patch16_timm_clip_64(pretrained: bool = False, **kwargs) -> nn.Module:
+    """The timm KoPE ViT-Ti/16 as a CLIP tower at 64 px (no pre-norm, eps 1e-6, patch bias)."""
+    return _create_clip_tower("vit_kope_tiny_patch16_timm_clip_64", pretrained, **kwargs)
+
+
+@register_model
+def vit_kope_demo_patch8_timm_clip_64(pretrained: bool = False, **kwargs) -> nn.Module:
+    """The timm KoPE demo ViT/8 (2 blocks, 64 wide) as a CLIP tower at 64 px."""
+    return _create_clip_tower("vit_kope_demo_patch8_timm_clip_64", pretrained, **kwargs)
+
+
+@register_model
+def vit_kope_small_patch16_timm_clip_224(pretrained: bool = False, **kwargs) -> nn.Module:
+    """The timm KoPE ViT-S/16 as a CLIP tower at 224 px."""
+    return _create_clip_tower("vit_kope_small_patch16_timm_clip_224", pretrained, **kwargs)
+
+
+@register_model
+def vit_kope_base_patch16_timm_clip_224(pretrained: bool = False, **kwargs) -> nn.Module:
+    """The timm KoPE ViT-B/16 as a CLIP tower at 224 px."""
+    return _create_clip_tower("vit_kope_base_patch16_timm_clip_224", pretrained, **kwargs)
 
 
 def kope_clip_config_names() -> list[str]:

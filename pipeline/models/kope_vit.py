@@ -103,6 +103,8 @@ class KopeBlock(nn.Module):
 
     Accepts every argument timm's ``VisionTransformer`` passes to ``block_fn``; options KoPE cannot honour
     (q/k norm, attention-output norm, a custom attention layer) are refused rather than ignored.
+    ``phase_norm`` gives the block its own LayerNorm on the post-block tokens that drive the shared coupling
+    (the ``vo_proj`` variant: one norm per block, the coupling's linear maps shared by all blocks).
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class KopeBlock(nn.Module):
         vo_rotation: bool = True,
         phase_mix: bool = True,
         mix_init_gain: float = 0.1,
+        phase_norm: bool = False,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -161,6 +164,7 @@ class KopeBlock(nn.Module):
         )
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.phase_norm = norm_layer(dim, **dd) if phase_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), z)))
@@ -172,8 +176,10 @@ class KopeVisionTransformer(VisionTransformer):
 
     KoPE options (the paper's ablations): ``kope`` (False: a plain timm ViT), ``kuramoto`` (False: phases stay
     at their 2-D RoPE initialisation, a RoPE ViT), ``vo_rotation`` (False: rotate q and k only),
-    ``phase_mix`` (False: M = I), ``coupling`` (``"rms_qk"`` or ``"vo_proj"``), ``gamma`` and
-    ``learnable_gamma`` (the Kuramoto step size), ``rope_base`` and ``mix_init_gain``.
+    ``phase_mix`` (False: M = I), ``coupling`` (``"rms_qk"``, or ``"vo_proj"``: the authors' supervised
+    variant, with a LayerNorm per block before the shared coupling), ``gamma`` and ``learnable_gamma`` (the
+    Kuramoto step size), ``rope_base`` and ``mix_init_gain``. ``norm_eps`` sets the epsilon of every
+    LayerNorm (timm's default 1e-6; open_clip's towers use 1e-5) by a plain number, so exported configs stay JSON.
 
     Beyond timm's API: ``forward_feature_dict`` (CLS, register and patch tokens plus the final patch phases)
     and ``forward_cls_attention`` (per-block CLS attention and rotation phases for analysis).
@@ -190,8 +196,13 @@ class KopeVisionTransformer(VisionTransformer):
         learnable_gamma: bool = False,
         rope_base: float = ph.ROPE_BASE,
         mix_init_gain: float = 0.1,
+        norm_eps: float | None = None,
         **kwargs: Any,
     ) -> None:
+        if norm_eps is not None:
+            if "norm_layer" in kwargs:
+                raise ValueError("give either norm_eps or norm_layer, not both")
+            kwargs["norm_layer"] = partial(LayerNorm, eps=norm_eps)
         if not kope:
             super().__init__(**kwargs)
         else:
@@ -200,7 +211,8 @@ class KopeVisionTransformer(VisionTransformer):
             embed_dim, num_heads = kwargs.get("embed_dim", 768), kwargs.get("num_heads", 12)
             if embed_dim % num_heads or (embed_dim // num_heads) % 4:
                 raise ValueError(f"KoPE needs a head dim divisible by 4: embed_dim={embed_dim}, num_heads={num_heads}")
-            blocks = partial(KopeBlock, vo_rotation=vo_rotation, phase_mix=phase_mix, mix_init_gain=mix_init_gain)
+            blocks = partial(KopeBlock, vo_rotation=vo_rotation, phase_mix=phase_mix, mix_init_gain=mix_init_gain,
+                             phase_norm=kuramoto and coupling == "vo_proj")
             super().__init__(block_fn=blocks, **kwargs)
         self.kope = kope
         self.rope_base = rope_base
@@ -263,7 +275,7 @@ class KopeVisionTransformer(VisionTransformer):
     def _block_step(self, block: nn.Module, x: torch.Tensor, z: torch.Tensor, step: bool) -> tuple:
         x = block(x, z)
         if step and self.coupling is not None:
-            z = self.coupling(x, z)
+            z = self.coupling(block.phase_norm(x), z)
         return x, z
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, z: torch.Tensor, step: bool = True) -> tuple:

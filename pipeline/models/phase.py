@@ -12,8 +12,9 @@ Channels of q, k, v and the attention output are interleaved pairs: pair ``c`` o
 
 Everything here is tensor code without data-dependent control flow, so ``torch.compile`` traces it into
 one graph and fuses the element-wise work. The mix, the rotations, the Kuramoto step and the RMS norm are
-autograd functions with hand-written backward passes: in eager mode they save only their inputs or outputs
-(tensors attention keeps anyway) instead of every fp32 intermediate, and recompute the cheap rest.
+autograd functions with hand-written backward passes, each the exact derivative of its forward for every input
+(unit or clamped phasors): in eager mode they save only their inputs (or, for the RMS norm, its output) instead
+of every fp32 intermediate, and recompute the cheap rest.
 The phase arithmetic (mix, normalisation, retraction) runs in fp32 even under autocast; rotations run in the
 activation dtype with fp32-computed cos/sin.
 """
@@ -26,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import nn
 
 MIX_EPS = 1e-5
@@ -187,8 +188,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _PairRotation(torch.autograd.Function):
-    """``y = x·e^{±iψ}`` on interleaved pairs. Saves its *output* (which attention or the projection keeps
-    anyway) and recovers ``x = y·e^{∓iψ}`` in backward, so the rotation adds no activation memory of its own."""
+    """``y = x·e^{±iψ}`` on interleaved pairs. Saves its *input*: the derivative in the phasor needs ``x``
+    itself, which the output cannot give back where the phasor is shorter than 1 (a clamped mix) or zero.
+    For the output rotation the input is the attention output, which attention keeps anyway."""
 
     @staticmethod
     def forward(x: torch.Tensor, rot: torch.Tensor, conj: bool) -> torch.Tensor:
@@ -197,23 +199,29 @@ class _PairRotation(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        _, rot, ctx.conj = inputs
-        ctx.save_for_backward(output, rot)
+        x, rot, ctx.conj = inputs
+        ctx.save_for_backward(x, rot)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        y, rot = ctx.saved_tensors
-        cos, sin = rot.unbind(-2)
-        sin = -sin if ctx.conj else sin
-        grad_x = _rotate(grad, cos, -sin) if ctx.needs_input_grad[0] else None
-        grad_rot = None
-        if ctx.needs_input_grad[1]:
-            x_re, x_im = _rotate(y, cos, -sin).unflatten(-1, (y.shape[-1] // 2, 2)).unbind(-1)
-            g_re, g_im = grad.unflatten(-1, (grad.shape[-1] // 2, 2)).unbind(-1)
-            grad_sin = g_im * x_re - g_re * x_im
-            grad_rot = torch.stack((g_re * x_re + g_im * x_im, -grad_sin if ctx.conj else grad_sin), dim=-2)
-            grad_rot = grad_rot.sum_to_size(rot.shape)
-        return grad_x, grad_rot, None
+        x, rot = ctx.saved_tensors
+        return (*pair_rotation_grads(grad, x, rot, ctx.conj, ctx.needs_input_grad[:2]), None)
+
+
+def pair_rotation_grads(grad: torch.Tensor, x: torch.Tensor, rot: torch.Tensor, conj: bool,
+                        needs: tuple[bool, bool] = (True, True)) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``y = x·e^{±iψ}`` in ``x`` (the transposed 2×2 map) and in the phasor (``rot``'s shape)."""
+    cos, sin = rot.unbind(-2)
+    sin = -sin if conj else sin
+    grad_x = _rotate(grad, cos, -sin) if needs[0] else None
+    grad_rot = None
+    if needs[1]:
+        x_re, x_im = x.unflatten(-1, (x.shape[-1] // 2, 2)).unbind(-1)
+        g_re, g_im = grad.unflatten(-1, (grad.shape[-1] // 2, 2)).unbind(-1)
+        grad_sin = g_im * x_re - g_re * x_im
+        grad_rot = torch.stack((g_re * x_re + g_im * x_im, -grad_sin if conj else grad_sin), dim=-2)
+        grad_rot = grad_rot.sum_to_size(rot.shape)
+    return grad_x, grad_rot
 
 
 def rotate_pairs(x: torch.Tensor, rot: torch.Tensor, conj: bool = False) -> torch.Tensor:
@@ -339,9 +347,10 @@ class KuramotoCoupling(nn.Module):
     """The data-dependent coupling K and one Kuramoto step, shared by every block.
 
     ``rms_qk`` (default): ``K = softmax(⟨s_h ⊙ rms(Wq x'), rms(Wk x')⟩ / √D)`` per head, mean field
-    ``m = K·z``. ``vo_proj`` (the authors' supervised variant): LayerNorm on ``x'``, no RMS norm or query
-    scale, and ``m = Wo·(K·Wv z)`` with projections that mix heads. Both attentions are one SDPA call whose
-    values are the phasors ``[cos | sin]``. The step size γ is stored as ``ρ`` with ``γ = min(softplus(ρ), 1)``:
+    ``m = K·z``. ``vo_proj`` (the authors' supervised variant): no RMS norm or query scale, and
+    ``m = Wo·(K·Wv z)`` with projections that mix heads; its LayerNorm on ``x'`` belongs to each block
+    (``KopeBlock.phase_norm``), so the caller passes the normalised tokens. Both attentions are one SDPA call
+    whose values are the phasors ``[cos | sin]``. The step size γ is stored as ``ρ`` with ``γ = min(softplus(ρ), 1)``:
     a buffer when fixed, a parameter (no weight decay) when learnable.
     """
 
@@ -352,7 +361,6 @@ class KuramotoCoupling(nn.Module):
         gamma: float = 0.05,
         learnable_gamma: bool = False,
         variant: CouplingVariant = "rms_qk",
-        norm_layer: type[nn.Module] = LayerNorm,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -369,11 +377,9 @@ class KuramotoCoupling(nn.Module):
         self.qk = nn.Linear(dim, 2 * dim, **dd)
         if variant == "rms_qk":
             self.q_scale = nn.Parameter(torch.empty(num_heads, self.head_dim, **dd))
-            self.norm = nn.Identity()
             self.v = self.o = None
         else:
             self.q_scale = None
-            self.norm = norm_layer(dim, **dd)
             self.v = nn.Linear(dim, dim, **dd)
             self.o = nn.Linear(dim, dim, **dd)
         raw = torch.empty((), device=device, dtype=torch.float32)
@@ -402,7 +408,6 @@ class KuramotoCoupling(nn.Module):
         """``m = K·z`` (or ``Wo·K·Wv z``): ``(B, H, N, 2R)`` from tokens ``(B, N, C)`` and phasors ``z``."""
         b, n, c = x.shape
         h, d = self.num_heads, self.head_dim
-        x = self.norm(x)
         q, k = self.qk(x).view(b, n, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         z = z.expand(b, h, n, d)
         if self.q_scale is not None:
@@ -414,5 +419,6 @@ class KuramotoCoupling(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, n, c)).view(b, n, h, d).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The phasors after one Kuramoto step driven by the post-block tokens ``x``."""
+        """The phasors after one Kuramoto step driven by the post-block tokens ``x`` (for ``vo_proj``, after
+        the block's own LayerNorm)."""
         return kuramoto_step(z, self.mean_field(x, z), self.gamma)

@@ -156,23 +156,51 @@ def test_model_coupling_step_equals_closed_form_with_independent_coupling_matrix
     assert wrap(stepped - (theta + torch.atan(gamma * pull))).abs().max() < 1e-10
 
 
-def test_vo_proj_coupling_steps_along_projected_mean_field():
+def test_vo_proj_coupling_steps_along_projected_mean_field_of_each_blocks_own_norm():
     model = tiny(coupling="vo_proj", gamma=0.2).double()
     coupling = model.coupling
-    assert coupling.q_scale is None and {"v", "o", "norm"} <= dict(coupling.named_children()).keys()
+    assert coupling.q_scale is None and {"v", "o"} <= dict(coupling.named_children()).keys()
+    assert not any(name.startswith("norm") for name, _ in coupling.named_children())  # no shared norm
     with torch.no_grad():
+        coupling.qk.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(5))  # a peaked K
+        for i, block in enumerate(model.blocks):  # per-block norms that differ
+            block.phase_norm.weight.normal_(1.0, 0.3, generator=torch.Generator().manual_seed(i))
+            block.phase_norm.bias.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(10 + i))
         x = torch.randn(2, 9, 64, dtype=torch.float64)
         theta = torch.rand(2, 2, 9, 16, dtype=torch.float64) * 6
         z = ph.phasor(theta)
-        stepped = ph.phase_angles(coupling(x, z))
-        xn = coupling.norm(x)
-        q, k = coupling.qk(xn).view(2, 9, 2, 2, 32).unbind(2)
-        weights = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(32), -1)
-        values = coupling.v(z.transpose(1, 2).reshape(2, 9, 64)).view(2, 9, 2, 32)
-        m = coupling.o(torch.einsum("bhij,bjhd->bihd", weights, values).reshape(2, 9, 64)).view(2, 9, 2, 32)
-        mc, ms = m.transpose(1, 2).chunk(2, -1)
-    tangential = ms * torch.cos(theta) - mc * torch.sin(theta)  # Im(m·conj(z))
-    assert wrap(stepped - (theta + torch.atan(coupling.gamma * tangential))).abs().max() < 1e-10
+        for block in model.blocks:
+            xn = block.phase_norm(x)
+            q, k = coupling.qk(xn).view(2, 9, 2, 2, 32).unbind(2)
+            weights = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(32), -1)
+            values = coupling.v(z.transpose(1, 2).reshape(2, 9, 64)).view(2, 9, 2, 32)
+            m = coupling.o(torch.einsum("bhij,bjhd->bihd", weights, values).reshape(2, 9, 64)).view(2, 9, 2, 32)
+            mc, ms = m.transpose(1, 2).chunk(2, -1)
+            tangential = ms * torch.cos(theta) - mc * torch.sin(theta)  # Im(m·conj(z))
+            expected = theta + torch.atan(coupling.gamma * tangential)
+            stepped = ph.phase_angles(model._block_step(_Identity(block), x, z, step=True)[1])
+            assert wrap(stepped - expected).abs().max() < 1e-10
+        first = ph.phase_angles(model._block_step(_Identity(model.blocks[0]), x, z, step=True)[1])
+        second = ph.phase_angles(model._block_step(_Identity(model.blocks[1]), x, z, step=True)[1])
+    assert wrap(first - second).abs().max() > 1e-3  # the norm used is the block's own
+
+
+class _Identity(torch.nn.Module):
+    """A block that leaves the tokens as they are but keeps the wrapped block's ``phase_norm``."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.phase_norm = block.phase_norm
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_only_vo_proj_models_have_per_block_coupling_norms():
+    names = {variant: {n for n, _ in tiny(coupling=variant).named_parameters()} for variant in ("rms_qk", "vo_proj")}
+    assert {f"blocks.{i}.phase_norm.{w}" for i in range(2) for w in ("weight", "bias")} <= names["vo_proj"]
+    assert not any("phase_norm" in n for n in names["rms_qk"])
+    assert not any("phase_norm" in n for n, _ in tiny(coupling="vo_proj", kuramoto=False).named_parameters())
 
 
 def test_coupling_rows_sum_to_one():
@@ -230,6 +258,23 @@ def test_parameter_counts_without_classifier(size, millions):
     extra = 2 * (c * c + c) + c + 1 + depth * heads * rot * rot
     assert count == sum(p.numel() for p in vit.parameters()) + extra
     assert round(count / 1e6, 1) == millions
+
+
+@pytest.mark.parametrize("size, millions, with_head", [("small", 22.34, 22.72), ("base", 88.33, 89.10),
+                                                       ("large", 307.94, 308.97)])
+def test_parameter_counts_of_the_authors_supervised_variant(size, millions, with_head):
+    """``vo_proj`` with γ fixed (the supervised recipe): shared q/k and v/o maps, one LayerNorm per block, the
+    mixes; no query scale, no trained γ."""
+    with torch.device("meta"):
+        kope = timm.create_model(f"vit_kope_{size}_patch16_224", coupling="vo_proj")
+        vit = timm.create_model(f"vit_{size}_patch16_224")
+    c, depth, heads = vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads
+    rot = c // heads // 2
+    extra = 4 * (c * c + c) + depth * 2 * c + depth * heads * rot * rot
+    count = sum(p.numel() for p in kope.parameters())
+    assert count == sum(p.numel() for p in vit.parameters()) + extra
+    head = sum(p.numel() for p in kope.head.parameters())
+    assert (round((count - head) / 1e6, 2), round(count / 1e6, 2)) == (millions, with_head)
 
 
 @pytest.mark.parametrize("variant", ["rms_qk", "vo_proj"])

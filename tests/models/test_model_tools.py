@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import timm
 import torch
 from PIL import Image
@@ -38,6 +39,28 @@ def test_bench_prints_one_line_per_model_with_ratios(capsys):
     # KoPE adds the coupling projections and attention and the mixes: more work, well under 1.5x
     assert 1.0 < kope["gflop_per_img"] / vit["gflop_per_img"] < 1.5
     assert kope["params_m"] > vit["params_m"]
+
+
+def test_bench_compares_the_exact_rotation_backward_with_the_output_saving_one(capsys):
+    bench = load_tool("bench_model")
+    exact = bench.ph._PairRotation
+    bench.main(["--device", "cpu", "--size", "tiny", "--batch", "2", "--img-size", "32", "--steps", "1",
+                "--warmup", "1", "--models", "kope,kope_output_saving"])
+    saving, kope = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert bench.ph._PairRotation is exact  # the swap is undone
+    assert (saving["rotation_backward"], kope["rotation_backward"]) == ("output_saving", "exact")
+    # the exact backward keeps the q/k/v projection output as well: more saved bytes, the same FLOPs
+    assert kope["saved_activations_mb"] > saving["saved_activations_mb"]
+    assert kope["gflop_per_img"] == saving["gflop_per_img"]
+    ratio = kope["vs_output_saving"]["saved_activations"]
+    assert abs(ratio - kope["saved_activations_mb"] / saving["saved_activations_mb"]) < 1e-3
+
+
+def test_bench_names_an_unknown_model(capsys):
+    bench = load_tool("bench_model")
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "vit,kope_fast"])
+    assert "unknown kope_fast" in capsys.readouterr().err
 
 
 def test_bench_counts_attention_flops_on_the_cpu():
