@@ -5,13 +5,14 @@ stage process entry point, with its rank in the environment."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 
 from pipeline.core.cluster_profile import ClusterProfile, ResolvedTorchrun
 from pipeline.core.errors import INTERRUPTED_EXIT_CODE
-from pipeline.core.launch import StageLaunch
+from pipeline.core.launch import StageLaunch, StageProcesses
 from pipeline.core.logs import get_logger
 from pipeline.core.ranks import RankInfo, free_port
 
@@ -28,21 +29,29 @@ class LocalExecutor:
     def world_size(self, launch: StageLaunch) -> int:
         return launch.nproc
 
-    def run(self, launch: StageLaunch) -> int:
+    def run(self, launch: StageLaunch, processes: StageProcesses) -> int:
         port = free_port()
         procs = []
         for rank in range(launch.nproc):
             info = RankInfo(rank=rank, world_size=launch.nproc, local_rank=rank, master_port=port)
-            procs.append(subprocess.Popen(launch.command(), env={**os.environ, **info.export()}))
-        codes = wait_all_or_stop(procs)
+            procs.append(processes.spawn(launch.command(), env={**os.environ, **info.export()}))
+        try:
+            codes = wait_all_or_stop(procs)
+        finally:
+            processes.reap(procs)
         if any(codes):
             log.error("stage %s: process exit codes %s", launch.stage, codes)
         return combined_status(codes)
 
 
+TORCHRUN_FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""The stop signals torchrun's agent passes on to its workers (by default it would die of SIGUSR1)."""
+
+
 class TorchrunExecutor:
     """One ``torchrun`` per stage on this machine; with several machines each runs the same ``kope run`` and
-    their torchrun agents meet at the c10d rendezvous (no ssh, no hostfile)."""
+    their torchrun agents meet at the c10d rendezvous (no ssh, no hostfile). A stop signal reaches the agent,
+    which passes it to its workers; the workers die with the agent (``pipeline.core.signals.die_with_parent``)."""
 
     def __init__(self, settings: ResolvedTorchrun, run_name: str):
         self.settings, self.run_name = settings, run_name
@@ -68,8 +77,13 @@ class TorchrunExecutor:
             cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={torchrun.rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
         return cmd + launch.command()[1:]
 
-    def run(self, launch: StageLaunch) -> int:
-        code = subprocess.call(self.command(launch))
+    def run(self, launch: StageLaunch, processes: StageProcesses) -> int:
+        env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": TORCHRUN_FORWARDED_SIGNALS}
+        agent = processes.spawn(self.command(launch), env=env)
+        try:
+            code = agent.wait()
+        finally:
+            processes.reap([agent])
         if code:
             log.error("stage %s: torchrun exited with code %d", launch.stage, code)
         return code
@@ -86,21 +100,28 @@ def combined_status(codes: list[int]) -> int:
 
 
 def wait_all_or_stop(procs: list[subprocess.Popen], grace_s: float = 30.0) -> list[int]:
-    """Exit codes of ``procs``; once one fails the others are terminated after ``grace_s`` (then killed), since
-    ranks waiting in a collective for a dead peer would otherwise wait forever."""
+    """Exit codes of ``procs`` (each the leader of its own process group); once one fails the others' groups get
+    SIGTERM after ``grace_s`` (then SIGKILL), since ranks waiting in a collective for a dead peer would otherwise
+    wait forever."""
     failed_at = None
     while None in (codes := [proc.poll() for proc in procs]):
-        if failed_at is None and any(codes):
+        if failed_at is None and any(code not in (None, 0, INTERRUPTED_EXIT_CODE) for code in codes):
             failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > grace_s:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            _signal_groups(procs, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            _signal_groups(procs, signal.SIGKILL)
             break
         time.sleep(0.2)
     return [proc.wait() for proc in procs]
+
+
+def _signal_groups(procs: list[subprocess.Popen], signum: int) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass

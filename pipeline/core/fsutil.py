@@ -12,15 +12,29 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
+def umask_file_mode() -> int:
+    """The mode a normal ``open(path, "w")`` would give a new file under the current umask (0644 under 022).
+
+    ``tempfile.mkstemp`` creates its files 0600 whatever the umask (and some writers keep that mode), so a file
+    written through a temporary name would stay private on shared storage: colleagues, evaluation accounts and
+    downstream teams could not read shards, manifests or exports.
+    """
+    current = os.umask(0)
+    os.umask(current)
+    return 0o666 & ~current
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path`` for a writer that takes a file name: renamed over ``path`` when the
-    block ends, removed when it raises, so ``path`` is always either the old file or the whole new one."""
+    block ends, removed when it raises, so ``path`` is always either the old file or the whole new one. The
+    file gets the mode the user's umask gives a normal new file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, umask_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -10,12 +10,17 @@ instead of running them and answers ``kope status`` / ``kope cancel`` about its 
 from __future__ import annotations
 
 import importlib
+import os
+import signal
+import subprocess
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.core.ranks import RankInfo
+from pipeline.core.signals import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -33,12 +38,61 @@ class StageLaunch:
         return cmd + (["--part", str(part), "--parts", str(parts)] if part is not None else [])
 
 
+class StageProcesses:
+    """The processes of the stage being run, as the runner and the run lock see them.
+
+    An executor starts each process with :meth:`spawn` (in a process group of its own, dying with its parent) and
+    waits for them; the runner forwards stop signals to every group or kills them; ``on_change`` hears the PIDs
+    alive (the run lock records them, so a second ``kope run`` cannot take over while they live).
+    """
+
+    def __init__(self, on_change: Callable[[list[int]], None] | None = None):
+        self.procs: list[subprocess.Popen] = []
+        self.on_change = on_change or (lambda pids: None)
+
+    def spawn(self, cmd: list[str], **popen: Any) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent, **popen)
+        self.procs.append(proc)
+        self.on_change(self.pids())
+        return proc
+
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs if proc.returncode is None]
+
+    def forward(self, signum: int) -> None:
+        """Send ``signum`` to every process group of the stage (its ranks and their workers)."""
+        for proc in self.procs:
+            if proc.returncode is None:
+                try:
+                    os.killpg(proc.pid, signum)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def kill(self) -> None:
+        self.forward(signal.SIGKILL)
+
+    def reap(self, procs: Iterable[subprocess.Popen] | None = None) -> list[int]:
+        """Wait for ``procs`` (default: all) to exit, killing any still running; their exit codes."""
+        procs = list(self.procs if procs is None else procs)
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        codes = [proc.wait() for proc in procs]
+        self.procs = [proc for proc in self.procs if proc not in procs]
+        self.on_change(self.pids())
+        return codes
+
+
 class Executor(Protocol):
     def world_size(self, launch: StageLaunch) -> int:
         """How many ranks the stage will have (checked against its settings before anything starts)."""
 
-    def run(self, launch: StageLaunch) -> int:
-        """Run the stage to its end; its exit status (0 done, 75 interrupted, else failed)."""
+    def run(self, launch: StageLaunch, processes: StageProcesses) -> int:
+        """Run the stage to its end, starting every process through ``processes``; its exit status (0 done, 75
+        interrupted, else failed)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +117,7 @@ class InlineExecutor:
     def world_size(self, launch: StageLaunch) -> int:
         return 1
 
-    def run(self, launch: StageLaunch) -> int:
+    def run(self, launch: StageLaunch, processes: StageProcesses) -> int:
         from pipeline.core.stage_main import run_stage
 
         return run_stage(launch.run_dir, launch.stage, launch.config, RankInfo()).code

@@ -2,27 +2,38 @@
 
 The runner plans (:mod:`pipeline.core.planner`), checks what needs the number of ranks, writes the resolved
 config and the immutable snapshot every launched process reads, and hands each stage to its executor (or
-submits them all to a batch scheduler). It starts no stage after one failed or was interrupted in a way that
-leaves its dependents unable to start, and none at all after an interruption.
+submits them all to a batch scheduler). A failed stage's dependents do not start; after an interruption no
+further stage starts.
+
+Stop signals (SIGTERM, SIGINT, SIGHUP, SIGUSR1) while stages run: the first is passed to every process of the
+running stage (a training stage saves a checkpoint at the next step boundary and exits 75, another stage stops and
+stays resumable), no further stage starts, and ``kope run`` exits 75 ("interrupted: run the same command again").
+A second one within ``HARD_STOP_WINDOW_S`` kills the stage's processes (SIGKILL to their process groups).
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
+import threading
+import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 
 from pipeline.core.cluster_profile import ClusterProfile
 from pipeline.core.config.schema import PipelineConfig
 from pipeline.core.config.types import SettingError
 from pipeline.core.errors import ConfigError, Interrupted, StageFailed
-from pipeline.core.launch import Executor, StageLaunch, executor, scheduler
+from pipeline.core.launch import Executor, StageLaunch, StageProcesses, executor, scheduler
 from pipeline.core.logs import get_logger, log_to_file
 from pipeline.core.planner import Plan, Selection, plan_run
 from pipeline.core.run_dir import RunDir
 from pipeline.core.run_lock import RunLock
 from pipeline.core.run_state import StageState, error_line
+from pipeline.core.signals import HARD_STOP_WINDOW_S, STOP_SIGNALS
 
 log = get_logger("runner")
 
@@ -35,7 +46,8 @@ class RunSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
-    interrupted: str | None = None
+    interrupted: str | None = None  # the stage a stop signal ended
+    stopped_before: str | None = None  # the stage that did not start because of a stop signal
     submitted: dict[str, str] = field(default_factory=dict)  # stage -> Slurm job id
 
 
@@ -75,7 +87,8 @@ def run_pipeline(config: PipelineConfig, selection: Selection | None = None,
     if cluster is not None and cluster.executor == "torchrun" and not cluster.torchrun_settings().leads:
         plan = plan_run(config, run, selection)
         summary = RunSummary(skipped=plan.skipped)
-        _run_stages(config, run, plan.to_run, run.relative(run.snapshot_path(tree)), summary, cluster, leader=False)
+        _run_stages(config, run, plan.to_run, run.relative(run.snapshot_path(tree)), summary, StageProcesses(),
+                    cluster, leader=False)
         return _finish(run, summary)
     with RunLock(run.root) as lock, log_to_file(run.log_dir / "kope.log"):
         if lock.stale_holder:
@@ -100,7 +113,7 @@ def run_pipeline(config: PipelineConfig, selection: Selection | None = None,
         if on_slurm:
             summary.submitted = scheduler().submit(config, run, plan.to_run, cluster, snapshot)
             return summary
-        _run_stages(config, run, plan.to_run, snapshot, summary, cluster)
+        _run_stages(config, run, plan.to_run, snapshot, summary, StageProcesses(lock.record_processes), cluster)
     return _finish(run, summary)
 
 
@@ -136,11 +149,57 @@ def _finish(run: RunDir, summary: RunSummary) -> RunSummary:
         detail = f" ({state.error})" if state and state.error else ""
         raise Interrupted(f"stage {summary.interrupted} interrupted{detail}; no further stage started: run the "
                           "same command again to resume")
+    if summary.stopped_before:
+        raise Interrupted(f"stopped by a signal before stage {summary.stopped_before} started: run the same command "
+                          "again to resume")
     if summary.failed:
-        details = "; ".join(f"{name}: {(run.read(name) or StageState(name, '')).error}" for name in summary.failed)
+        details = "; ".join(f"{name}: {_error_of(run, name)}" for name in summary.failed)
         blocked = f" ({', '.join(summary.blocked)} not started)" if summary.blocked else ""
         raise StageFailed(f"failed stages: {details}{blocked}")
     return summary
+
+
+def _error_of(run: RunDir, name: str) -> str:
+    state = run.read(name)
+    return state.error if state is not None and state.error else "no error recorded (see the stage's log)"
+
+
+class _Stopper:
+    """``kope run``'s handler of stop signals while stages run (see the module docstring)."""
+
+    def __init__(self, processes: StageProcesses):
+        self.processes = processes
+        self.signal_name: str | None = None
+        self._last: float | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if self._last is not None and now - self._last <= HARD_STOP_WINDOW_S:
+            log.warning("%s again: stopping hard (SIGKILL to the stage's processes)", name)
+            self.processes.kill()
+            return
+        if self.signal_name is None:
+            log.warning("%s: asking the running stage to stop at its next step boundary; no further stage starts "
+                        "(another stop signal within %.0f s stops hard)", name, HARD_STOP_WINDOW_S)
+        else:
+            log.warning("%s: still stopping; another one within %.0f s stops hard", name, HARD_STOP_WINDOW_S)
+        self.signal_name = self.signal_name or name
+        self._last = now
+        self.processes.forward(signum)
+
+
+@contextmanager
+def _stop_signals_forwarded(processes: StageProcesses) -> Iterator[_Stopper]:
+    stopper = _Stopper(processes)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
+        yield stopper
+        return
+    previous = {signum: signal.signal(signum, stopper) for signum in STOP_SIGNALS}
+    try:
+        yield stopper
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _record_launch_failure(run: RunDir, name: str, exc: BaseException) -> None:
@@ -155,31 +214,52 @@ def _record_launch_failure(run: RunDir, name: str, exc: BaseException) -> None:
 
 
 def _run_stages(config: PipelineConfig, run: RunDir, to_run: Iterable[str], snapshot: str, summary: RunSummary,
-                cluster: ClusterProfile | None = None, leader: bool = True) -> None:
-    for name in to_run:
-        spec = config.stages[name]
-        bad_deps = [dep for dep in spec.needs if dep in summary.failed or dep in summary.blocked]
-        if bad_deps:
-            summary.blocked.append(name)
-            log.warning("stage %s: not started, because %s did not finish", name, ", ".join(bad_deps))
-            continue
-        log.info("stage %s: running (%s)", name, spec.kind.name)
-        try:
-            code = _executor(config, name, cluster).run(_launch(config, name, snapshot))
-        except Exception as exc:  # noqa: BLE001  (recorded in the state file, then reported)
-            if leader:
-                _record_launch_failure(run, name, exc)
-            summary.failed.append(name)
-            continue
-        state = run.read(name)
-        if code == 0 and state is not None and state.status == "done":
-            summary.ran.append(name)
-            continue
-        if state is not None and state.status == "interrupted" or code == Interrupted.exit_code:
-            summary.interrupted = name
-            return
-        if leader and state is not None and state.status in ("running", "done", "pending"):
-            state.fail("stage processes ended without reporting a result (killed?)" if state.status != "done"
-                       else f"a process other than rank 0 failed (see logs/{name}.rank*.traceback.txt)")
-            run.write(state)
+                processes: StageProcesses, cluster: ClusterProfile | None = None, leader: bool = True) -> None:
+    with _stop_signals_forwarded(processes) as stopper:
+        for name in to_run:
+            if stopper.signal_name:
+                summary.stopped_before = name
+                return
+            if not _run_stage(config, run, name, snapshot, summary, processes, stopper, cluster, leader):
+                return
+
+
+def _run_stage(config: PipelineConfig, run: RunDir, name: str, snapshot: str, summary: RunSummary,
+               processes: StageProcesses, stopper: _Stopper, cluster: ClusterProfile | None, leader: bool) -> bool:
+    """Run one stage; False when the run must stop (the stage was interrupted)."""
+    spec = config.stages[name]
+    bad_deps = [dep for dep in spec.needs if dep in summary.failed or dep in summary.blocked]
+    if bad_deps:
+        summary.blocked.append(name)
+        log.warning("stage %s: not started, because %s did not finish", name, ", ".join(bad_deps))
+        return True
+    log.info("stage %s: running (%s)", name, spec.kind.name)
+    try:
+        code = _executor(config, name, cluster).run(_launch(config, name, snapshot), processes)
+    except Exception as exc:  # noqa: BLE001  (recorded in the state file, then reported)
+        if leader:
+            _record_launch_failure(run, name, exc)
         summary.failed.append(name)
+        return True
+    finally:
+        processes.reap()
+    state = run.read(name)
+    if code == 0 and state is not None and state.status == "done":
+        summary.ran.append(name)
+        return True
+    if (state is not None and state.status == "interrupted") or code == Interrupted.exit_code:
+        summary.interrupted = name
+        return False
+    if stopper.signal_name and leader and state is not None and state.status in ("running", "pending"):
+        state.fail(f"Interrupted: stopped hard after {stopper.signal_name} (exit status {code}), without a "
+                   "checkpoint: run the same command again to resume from the latest one", status="interrupted")
+        run.write(state)
+        summary.interrupted = name
+        return False
+    if leader and state is not None and state.status in ("running", "done", "pending"):
+        state.fail(f"stage processes ended without reporting a result (exit status {code}; killed?)"
+                   if state.status != "done" else
+                   f"a process other than rank 0 failed (see logs/{name}.rank*.traceback.txt)")
+        run.write(state)
+    summary.failed.append(name)
+    return True

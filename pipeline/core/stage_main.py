@@ -26,7 +26,7 @@ from pipeline.core.logs import get_logger, log_to_file, setup_console
 from pipeline.core.ranks import RankInfo, rank_info_from_env
 from pipeline.core.run_dir import RunDir
 from pipeline.core.run_state import StageState, error_line
-from pipeline.core.signals import interrupt_on_stop_signals
+from pipeline.core.signals import die_with_parent, interrupt_on_stop_signals
 from pipeline.core.stage import StageContext
 
 
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", type=int, help="run this part of an array job")
     parser.add_argument("--parts", type=int, help="number of parts")
     args = parser.parse_args(argv)
+    die_with_parent()  # whatever started this process (an executor, torchrun, a Slurm job): never outlive it
     setup_console()
     ending = run_stage(args.run_dir, args.stage, args.config, rank_info_from_env(), args.part, args.parts)
     if ending.error:  # one line for the launcher's output; the log and the traceback file have the rest

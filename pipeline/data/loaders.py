@@ -41,11 +41,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.core.signals import ignore_stop_signals
 from pipeline.data.loaders_samples import SamplePipeline
 from pipeline.data.loaders_tar import ShardReaders
 from pipeline.data.manifest import Manifest
 from pipeline.data.order import EpochOrder, OrderSpec, rank_positions, steps_remaining, worker_steps
 from pipeline.data.settings import LoaderSettings
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In each DataLoader worker: a stop signal is the training process's to handle (it checkpoints first); a
+    worker that died of it would turn the stop into a loader failure."""
+    ignore_stop_signals()
 
 
 @contextmanager
@@ -202,6 +209,7 @@ class ResumableLoader:
             loader = DataLoader(
                 stream, batch_size=None, num_workers=settings.num_workers, pin_memory=settings.pin_memory,
                 prefetch_factor=settings.prefetch_factor if settings.num_workers else None,
+                worker_init_fn=_ignore_stop_signals,
             )
             for batch in loader:
                 if isinstance(batch, _Failure):

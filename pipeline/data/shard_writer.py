@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.fsutil import atomic_file, atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.core.progress import progress
+from pipeline.core.signals import ignore_stop_signals
 from pipeline.data.manifest import INDEX_FILES, ClassInfo, Manifest, ShardInfo, shard_name
 
 STATS_SUFFIX = "_stats.json"
@@ -250,7 +251,7 @@ def _write_all(directory: Path, plan: DatasetPlan, indices: list[int], workers: 
         return
     pending: dict[Future, int] = {}
     queue = iter(indices)
-    pool = ProcessPoolExecutor(workers, mp_context=_worker_context())
+    pool = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=ignore_stop_signals)
     try:
         def submit_next() -> None:
             index = next(queue, None)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.core.errors import Interrupted, KopeError
-from pipeline.core.signals import STOP_SIGNALS
+from pipeline.core.signals import HARD_STOP_WINDOW_S, STOP_SIGNALS
 
 
 class Preempted(Interrupted):
@@ -68,13 +69,20 @@ class NonFiniteCounter:
 
 
 class StopRequest:
-    """Remembers whether SIGTERM or SIGUSR1 arrived while :meth:`installed` is active."""
+    """Remembers whether a stop signal arrived while :meth:`installed` is active. A second one within
+    ``HARD_STOP_WINDOW_S`` stops at once, without a checkpoint (the previous one stays ``latest``)."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._last: float | None = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signal_name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self._last is not None and now - self._last <= HARD_STOP_WINDOW_S:
+            raise Interrupted(f"{signal.Signals(signum).name} again: stopped at once, without a checkpoint; run the "
+                              "stage again to resume from the latest one")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+        self._last = now
 
     @contextmanager
     def installed(self) -> Iterator[StopRequest]:

@@ -123,7 +123,7 @@ def run_training(settings: TrainSettings, task: Task, ctx: StageContext) -> dict
     plan = length.plan
     ctx.log.info("%s: %s, %s, ZeRO stage %d, %s, %s", task.name, task.model_spec()["name"], plan.describe(),
                  settings.zero_stage, precision, length.describe())
-    task.begin(length.total_steps)
+    task.begin(length.total_steps, settings.zero_stage)
     rng.seed_all(ctx.seed)
     module = task.build_module()
     loader = task.build_loader(ctx.rank, ctx.world_size)

@@ -37,9 +37,10 @@ class Task(Protocol):
 
     name: str
 
-    def begin(self, total_steps: int) -> None:
+    def begin(self, total_steps: int, zero_stage: int = 0) -> None:
         """Called once, before ``build_module``, with the run's length in optimizer steps (for schedules the task
-        owns, such as a teacher momentum)."""
+        owns, such as a teacher momentum) and its ZeRO stage (a logging-only forward outside the engine must not
+        run on ZeRO-3-partitioned modules: see :mod:`pipeline.train.probe`)."""
 
     def build_module(self) -> nn.Module:
         """The module DeepSpeed wraps and partitions (student + heads, or the whole CLIP model). Called once,

@@ -11,7 +11,7 @@ from cluster.executors import wait_all_or_stop
 
 
 def python(code: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code])
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)  # as the executors start ranks
 
 
 def test_a_failed_process_stops_the_others_after_the_grace_period():

@@ -129,7 +129,7 @@ def test_status_shows_live_jobs_and_cancel_ends_them(write_pipeline, kope_env, t
     assert submitted.returncode == 0, submitted.stderr
     slow, after = job_of(run_dir, "slow"), job_of(run_dir, "after")
     assert f"submitted: slow={slow}, after={after}" in submitted.stdout
-    started = run_dir / "slow" / "started"
+    started = run_dir / "slow" / "started.rank0"
     wait_until(started.exists, JOB_TIMEOUT_S, "the slow stage to start")
     table = kope(kope_env, "status", str(run_dir)).stdout
     rows = {line.split()[0]: line for line in table.splitlines()}

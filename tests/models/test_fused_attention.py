@@ -1,8 +1,9 @@
 """Fused KoPE attention against the plain PyTorch path, forward and backward (q, k, v and phasor gradients).
 
 Without CUDA the Triton kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set before Triton is
-first imported (``tests/conftest.py``, and here for a file run on its own). With CUDA the same tests check the compiled kernels. Sizes are small so that the
-interpreter stays fast, yet span several of its 16-row tiles with a ragged last one.
+first imported (``tests/conftest.py``, and here for a file run on its own). With CUDA the same tests check the
+compiled kernels. Sizes are small so that the interpreter stays fast, yet span several of its 16-row tiles with a
+ragged last one.
 
 The gradient reference is plain autograd through ordinary differentiable ops in fp64, not the hand-written
 backward of ``pipeline.models.phase``.

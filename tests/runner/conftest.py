@@ -37,3 +37,19 @@ def subprocess_env() -> dict:
 @pytest.fixture
 def kope_cmd() -> list[str]:
     return [sys.executable, "-m", "pipeline.core.cli"]
+
+
+def stage_processes(run_dir: Path) -> list[int]:
+    """PIDs of live stage processes of this run directory (any launcher), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"pipeline.core.stage_main" in cmdline and str(run_dir).encode() in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found

@@ -117,7 +117,7 @@ def test_stale_lock_of_killed_run_is_taken_over(write_pipeline, tmp_path, subpro
     path = write_pipeline({"slow": toy(1, sleep_s=60), "after": toy(2, needs="slow")})
     proc = subprocess.Popen([*kope_cmd, "run", str(path)], env=subprocess_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    started = tmp_path / "run" / "slow" / "started"
+    started = tmp_path / "run" / "slow" / "started.rank0"
     deadline = time.monotonic() + 60
     while not started.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

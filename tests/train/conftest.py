@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import demo_shards, use_shared_torch_extensions
+from tests.train.helpers import captioned_demo_shards, demo_shards, use_shared_torch_extensions
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +15,13 @@ def shards(tmp_path_factory) -> dict[str, Path]:
     """``train`` (90 images, one per class) and ``val`` (90) demo datasets."""
     use_shared_torch_extensions()
     return demo_shards(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def captions(tmp_path_factory) -> Path:
+    """The demo's captioned set (64 images), downloaded by the real ``shard_datacomp`` stage from 127.0.0.1."""
+    use_shared_torch_extensions()
+    return captioned_demo_shards(tmp_path_factory.mktemp("captions"))
 
 
 @pytest.fixture

@@ -212,3 +212,17 @@ def rewind_to_checkpoint(run_dir: Path, step: int, stage: str = STAGE) -> None:
     (checkpoints / "latest").write_text(f"step_{step:08d}\n")
     for name in ("model.safetensors", "model.json"):
         (run_dir / stage / name).unlink(missing_ok=True)
+
+
+def captioned_demo_shards(root: Path, captioned: int = 64) -> Path:
+    """The demo's captioned set through the real ``make_demo_data`` and ``shard_datacomp`` stages, in this process."""
+    from pipeline.core.config.loader import load_pipeline
+    from pipeline.core.runner import run_pipeline
+
+    stages = {
+        "demo_data": {"kind": "make_demo_data", "train_per_class": 1, "val_per_class": 1, "captioned": captioned},
+        "shard": {"kind": "shard_datacomp", "source": "@demo_data/datacomp", "serve_local": True,
+                  "samples_per_shard": 16, "thread_count": 4, "workers": 1, "timeout_s": 60.0},
+    }
+    run_pipeline(load_pipeline(write_pipeline(root, stages, executor="inline", name="captions")))
+    return root / "run" / "shard" / "train"

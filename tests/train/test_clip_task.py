@@ -36,6 +36,7 @@ def engine_for(task: ClipTask, zero_stage: int, precision: str = "fp32", logit_s
     use_shared_torch_extensions()
     device = init_distributed(0, 1, 0)
     torch.manual_seed(0)
+    task.begin(1, zero_stage)
     module = task.build_module()
     if logit_scale is not None:
         with torch.no_grad():

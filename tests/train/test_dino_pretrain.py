@@ -10,12 +10,10 @@ from typing import Any
 import pytest
 
 from tests.train.helpers import (
-    assert_same_tensors,
     checkpoint_weights,
     demo_shards,
     exported_weights,
     pretrain_block,
-    run_killed_then_resumed,
     run_pipeline_file,
 )
 
@@ -45,18 +43,15 @@ def shards(tmp_path_factory) -> dict[str, Path]:
     return demo_shards(tmp_path_factory.mktemp("demo"))
 
 
-def test_dino_loss_falls_and_a_killed_run_resumes_exactly(shards, tmp_path):
+def test_dino_loss_falls_and_the_export_is_the_teacher(shards, tmp_path):
+    """Two ranks through `kope run`; exact resume of DINO runs is in tests/train/test_resume_matrix.py."""
     stages = {"pretrain": dino_block(str(shards["train"]))}
     reference = run_pipeline_file(tmp_path / "whole", stages)
     outputs = stage_outputs(reference)
     assert outputs["steps"] == 20 and outputs["skipped_steps"] == 0
     first, last = outputs["first_loss"], outputs["last_loss"]
     assert last < first - 0.25 * abs(first), (first, last)
-
-    resumed = run_killed_then_resumed(tmp_path / "killed", stages, kill_after_checkpoint_step=4)
     teacher = exported_weights(reference)
-    assert_same_tensors(teacher, exported_weights(resumed))
     student = checkpoint_weights(reference)
-    assert_same_tensors(student, checkpoint_weights(resumed))
     # The export is the teacher (an EMA of the student), not the student.
     assert not student["backbone.blocks.0.attn.qkv.weight"].equal(teacher["blocks.0.attn.qkv.weight"])

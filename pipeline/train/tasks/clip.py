@@ -30,8 +30,9 @@ from pipeline.data.loaders_samples import clip_samples
 from pipeline.data.settings import LoaderSettings
 from pipeline.data.transforms import ClipAugSettings
 from pipeline.models.clip import register_open_clip_configs
-from pipeline.train.engine import forward_precision, gathered_parameters
+from pipeline.train.engine import forward_precision
 from pipeline.train.metrics import kope_metrics
+from pipeline.train.probe import ProbeModule
 from pipeline.train.scalar_params import restore_scalars, vectorize_scalar_parameters_
 from pipeline.train.settings import ClipSettings, WeightsChoice
 
@@ -43,13 +44,24 @@ def clamp_trained_parameter_(param: nn.Parameter, low: float, high: float) -> No
     """Clamp a parameter in place everywhere DeepSpeed keeps it: the fp32 master copy (stages 1–3, bf16)
     and the working copy the next forward reads (the module tensor, or its ZeRO-3 partition).
 
-    Call on every rank: reading the master copy is a collective under ZeRO.
+    Call on every rank: reading the master copy is a collective under ZeRO 1–2. Under ZeRO-3 each rank clamps its
+    own partition (a clamp is element-wise), since a one-element parameter has nothing on most ranks to scatter to.
     """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_local_fp32_param,
+        safe_set_full_fp32_param,
+        safe_set_local_fp32_param,
+    )
 
-    master = safe_get_full_fp32_param(param)
-    if master is not None:
-        safe_set_full_fp32_param(param, master.clamp(low, high))
+    if hasattr(param, "ds_id"):
+        master = safe_get_local_fp32_param(param)
+        if master is not None and master.numel():
+            safe_set_local_fp32_param(param, master.clamp(low, high))
+    else:
+        master = safe_get_full_fp32_param(param)
+        if master is not None:
+            safe_set_full_fp32_param(param, master.clamp(low, high))
     working = param.ds_tensor if hasattr(param, "ds_tensor") else param
     working.data.clamp_(low, high)
 
@@ -70,9 +82,12 @@ class ClipTask:
         self._loss: nn.Module | None = None
         self._probe: torch.Tensor | None = None
         self.scalar_names: set[str] = set()
+        self.zero_stage = 0
+        self.probe_module: ProbeModule | None = None
 
-    def begin(self, total_steps: int) -> None:
-        """Nothing depends on the run's length."""
+    def begin(self, total_steps: int, zero_stage: int = 0) -> None:
+        """Nothing depends on the run's length; the ZeRO stage decides where the logging probe runs."""
+        self.zero_stage = zero_stage
 
     def model_spec(self) -> dict[str, Any]:
         return {"library": "open_clip", "name": self.model, "kwargs": dict(self.model_kwargs)}
@@ -83,6 +98,8 @@ class ClipTask:
         register_open_clip_configs()
         model = open_clip.create_model(self.model, output_dict=True, **self.model_kwargs)
         self.scalar_names = vectorize_scalar_parameters_(model)
+        trunk = getattr(model.visual, "trunk", None)
+        self.probe_module = ProbeModule(trunk, self.zero_stage) if trunk is not None else None
         return model
 
     def aug_settings(self) -> ClipAugSettings:
@@ -136,10 +153,9 @@ class ClipTask:
 
     def extra_metrics(self, engine: Any) -> dict[str, float]:
         """The vision tower's γ and phase synchrony on a few of the last images."""
-        trunk = getattr(engine.module.visual, "trunk", None)
-        if self._probe is None or trunk is None:
+        if self._probe is None or self.probe_module is None:
             return {}
-        with gathered_parameters(engine), forward_precision(engine):
+        with self.probe_module(engine, engine.module.visual.trunk) as trunk, forward_precision(engine):
             return kope_metrics(trunk, self._probe)
 
     def state_dict(self) -> dict[str, Any]:

@@ -173,8 +173,9 @@ class DinoTask:
             self.cls_loss = SimDinoLoss(settings.coding_rate_eps, settings.compression_weight)
             self.patch_loss = None
 
-    def begin(self, total_steps: int) -> None:
-        """The teacher momentum and temperature schedules run over the whole run."""
+    def begin(self, total_steps: int, zero_stage: int = 0) -> None:
+        """The teacher momentum and temperature schedules run over the whole run (ZeRO-3 is refused at config
+        time)."""
         self.total_steps = total_steps
 
     @property

@@ -25,8 +25,9 @@ from pipeline.data.settings import LoaderSettings
 from pipeline.data.transforms import make_mixup
 from pipeline.models import kope_vit  # noqa: F401  (registers the vit_kope_* models)
 from pipeline.train.ema import ModelEma
-from pipeline.train.engine import forward_precision, gathered_parameters
+from pipeline.train.engine import forward_precision
 from pipeline.train.metrics import kope_metrics
+from pipeline.train.probe import ProbeModule
 from pipeline.train.scalar_params import restore_scalars, vectorize_scalar_parameters_
 from pipeline.train.settings import SupervisedSettings, WeightsChoice
 
@@ -82,11 +83,14 @@ class SupervisedTask:
         self.mixup = make_mixup(settings.aug, self.num_classes)
         self.criterion = _criterion(settings, self.mixup is not None)
         self.ema: ModelEma | None = None
+        self.zero_stage = 0
+        self.probe_module: ProbeModule | None = None
         self.scalar_names: set[str] = set()
         self._probe: torch.Tensor | None = None
 
-    def begin(self, total_steps: int) -> None:
-        """Nothing depends on the run's length."""
+    def begin(self, total_steps: int, zero_stage: int = 0) -> None:
+        """Nothing depends on the run's length; the ZeRO stage decides where the logging probe runs."""
+        self.zero_stage = zero_stage
 
     def _size_args(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "img_size": self.settings.aug.image_size}
@@ -100,6 +104,7 @@ class SupervisedTask:
     def build_module(self) -> nn.Module:
         module = self.create_model()
         self.scalar_names = vectorize_scalar_parameters_(module)
+        self.probe_module = ProbeModule(module, self.zero_stage)
         if self.settings.ema_decay > 0:
             self.ema = ModelEma(module, self.settings.ema_decay)
         return module
@@ -127,8 +132,8 @@ class SupervisedTask:
     def extra_metrics(self, engine: Any) -> dict[str, float]:
         if self._probe is None:
             return {}
-        with gathered_parameters(engine), forward_precision(engine):
-            return kope_metrics(engine.module, self._probe)
+        with self.probe_module(engine, engine.module) as module, forward_precision(engine):
+            return kope_metrics(module, self._probe)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict() if self.ema is not None else None}
