@@ -126,3 +126,19 @@ def test_a_failure_before_the_stage_code_runs_is_recorded(write_pipeline, tmp_pa
     state = RunDir(tmp_path / "run").read("a")
     assert state.status == "failed" and state.traceback == "logs/a.traceback.txt"
     assert "no_such_stage_module" in (tmp_path / "run" / state.traceback).read_text()
+
+
+@pytest.mark.slow
+def test_the_same_contract_under_torchrun(write_pipeline, tmp_path, subprocess_env, kope_cmd):
+    """torchrun's agent passes the signal on to its workers (SIGUSR1 too) and they die with it."""
+    run_dir = tmp_path / "run"
+    path = write_pipeline({"slow": toy(1, sleep_s=120, launch={"nproc": 2}), "after": toy(2, source="@slow")})
+    proc = subprocess.Popen([*kope_cmd, "run", str(path), "--cluster", "torchrun"], env=subprocess_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: started_ranks(run_dir, "slow", 2), timeout_s=120, what="both ranks under torchrun")
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == INTERRUPTED_EXIT_CODE, err
+    assert RunDir(run_dir).read("slow").status == "interrupted"
+    assert RunDir(run_dir).read("after").status == "pending"
+    assert stage_processes(run_dir) == []
