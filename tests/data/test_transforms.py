@@ -14,6 +14,7 @@ from pipeline.data.transforms import (
     ClipAugSettings,
     DinoAugSettings,
     DinoMultiCrop,
+    ImageNormalizer,
     SupervisedAugSettings,
     block_mask,
     clip_image_transform,
@@ -21,7 +22,6 @@ from pipeline.data.transforms import (
     decode_image,
     eval_transform,
     make_mixup,
-    normalize_images,
     supervised_eval_transform,
     supervised_train_transform,
 )
@@ -76,8 +76,10 @@ def test_uint8_images_normalised_later_equal_the_float_transform(train):
         seed_all(2)
         outputs[uint8] = transform(image)
     assert outputs[True].dtype == torch.uint8 and outputs[True].shape == (3, 24, 24)
-    normalised = normalize_images(outputs[True][None], aug.mean, aug.std)[0]
-    assert torch.allclose(normalised, outputs[False], atol=1e-5)
+    normalised = ImageNormalizer(aug.mean, aug.std)(outputs[True][None])[0]
+    assert normalised.dtype == torch.float32 and torch.allclose(normalised, outputs[False], atol=1e-5)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        ImageNormalizer(aug.mean, aug.std)(outputs[False][None])
 
 
 def unnormalise(tensor: torch.Tensor, aug: SupervisedAugSettings) -> torch.Tensor:

@@ -122,14 +122,15 @@ class ClipTask:
             )
         return self._loss
 
-    def compute_loss(self, engine: Any, batch: Mapping[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, engine: Any, batch: Mapping[str, Any], step: int
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         with forward_precision(engine) as dtype:
             images = batch["image"].to(engine.device, dtype)
             out = engine(images, batch["text"].to(engine.device))
         self._probe = images[:PROBE_IMAGES].detach()
         logit_scale = out["logit_scale"].float()
         loss = self.loss(out["image_features"].float(), out["text_features"].float(), logit_scale)
-        return loss, {"logit_scale": float(logit_scale.detach().reshape(-1)[0])}
+        return loss, {"logit_scale": logit_scale.detach().reshape(-1)[0]}
 
     def after_optimizer_step(self, engine: Any, step: int) -> None:
         clamp_trained_parameter_(engine.module.logit_scale, 0.0, math.log(self.settings.max_logit_scale))
