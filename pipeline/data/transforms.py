@@ -232,14 +232,29 @@ class ClipAugSettings:
     context_length: int = setting(77, ge=2, help="text tokens per caption")
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    uint8_images: bool = False
 
 
 def clip_image_transform(aug: ClipAugSettings, train: bool) -> ImageTransform:
-    """open_clip's transform: RandomResizedCrop(scale) when training, resize + centre crop otherwise."""
-    return open_clip.image_transform(
+    """open_clip's transform: RandomResizedCrop(scale) when training, resize + centre crop otherwise; with
+    ``uint8_images`` it stops before its ToTensor and Normalize (see :func:`clip_normalizer`)."""
+    transform = open_clip.image_transform(
         aug.image_size, is_train=train, mean=aug.mean, std=aug.std,
         aug_cfg=open_clip.AugmentationCfg(scale=tuple(aug.scale)) if train else None,
     )
+    if not aug.uint8_images:
+        return transform
+    *head, to_tensor, normalize = transform.transforms
+    if not isinstance(normalize, T.Normalize) or "ToTensor" not in type(to_tensor).__name__:
+        raise ValueError(f"open_clip's image transform no longer ends with ToTensor and Normalize: {transform}")
+    return T.Compose([*head, T.PILToTensor()])
+
+
+def clip_normalizer(aug: ClipAugSettings) -> ImageNormalizer:
+    """The normalisation open_clip's transform ends with, for uint8 batches on the training device."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return ImageNormalizer(aug.mean or OPENAI_DATASET_MEAN, aug.std or OPENAI_DATASET_STD)
 
 
 def clip_tokenizer(aug: ClipAugSettings) -> Callable[[list[str]], torch.Tensor]:

@@ -163,3 +163,25 @@ def test_the_mask_hook_is_registered_once():
     for _ in range(3):
         student(batch["global_crops"], batch["local_crops"], batch["masks"], batch["mask_indices"])
     assert len(hooks) == 1 and student._masks is None
+
+
+def test_clip_uint8_batches_train_as_float_ones_and_the_step_reads_nothing_back(one_rank):
+    from pipeline.data.transforms import clip_normalizer
+    from pipeline.train.tasks.clip import ClipSettings, ClipTask
+
+    tasks = {uint8: ClipTask(ClipSettings(uint8_images=uint8), model="ViT-KoPE-Demo-8-64", model_kwargs={},
+                             data_dir=".", loader=LoaderSettings(batch_size=4), seed=0) for uint8 in (True, False)}
+    size = tasks[True].aug_settings().image_size
+    images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    as_floats = clip_normalizer(tasks[True].aug_settings())(images)
+    text = torch.randint(1, 100, (4, tasks[True].aug_settings().context_length))
+    losses = {}
+    for uint8, task in tasks.items():
+        torch.manual_seed(0)
+        engine = engine_for(task.build_module(), 4)
+        batch = {"image": images if uint8 else as_floats, "text": text}
+        with HostReads() as probe:
+            loss, metrics = task.compute_loss(engine, batch, 0)
+        assert probe.reads == [] and isinstance(metrics["logit_scale"], torch.Tensor)
+        losses[uint8] = loss.detach()
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
