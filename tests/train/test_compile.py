@@ -40,3 +40,27 @@ def test_a_compiled_step_equals_eager_and_a_requeued_run_reuses_the_caches(shard
     run_stage_here(block(data, compile=True, compile_cache_dir=str(cache)), tmp_path / "requeued")
     assert counters["inductor"]["fxgraph_cache_hit"] > 0 and not counters["inductor"]["fxgraph_cache_miss"]
     assert not (tmp_path / "requeued" / "pretrain" / "compile_cache").exists()
+
+
+@pytest.mark.slow
+def test_the_dino_student_compiles_into_one_graph_whatever_the_number_of_masked_patches():
+    """DINO's student (its mask hook and the loader's index lists) traces without graph breaks; a new number of
+    masked patches makes one dynamic-shape graph, not a graph per batch."""
+    from tests.train.test_dino_task import dino_task, fake_batch
+
+    task = dino_task()
+    torch.manual_seed(0)
+    student = task.build_module()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(student, backend="aot_eager", fullgraph=True)
+    sizes = set()
+    for step in range(3):
+        batch = fake_batch(step, masked=0.2 + 0.2 * step)
+        sizes.add(batch["mask_indices"].numel())
+        args = (batch["global_crops"], batch["local_crops"], batch["masks"], batch["mask_indices"])
+        traced, eager = compiled(*args), student(*args)
+        assert traced.keys() == eager.keys() == {"cls", "patch", "phases"}
+        for key in eager:
+            torch.testing.assert_close(traced[key], eager[key], rtol=1e-5, atol=1e-5)
+    assert len(sizes) == 3 and counters["stats"]["unique_graphs"] <= 2
