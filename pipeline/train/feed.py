@@ -77,7 +77,10 @@ class DeviceFeed:
 
     def batches(self) -> Iterator[Any]:
         """Batches without end, each on the device when handed out; the next one is fetched and its copy started
-        before this one is returned. Closing (or dropping) the iterator stops the loader's workers."""
+        before this one is returned. Closing (or dropping) the iterator stops the loader's workers; a new one
+        continues after the last batch handed out (the look-ahead batch is fetched again)."""
+        if self._position is not None:
+            self.loader.load_state_dict(self._position)
         source = self.loader.stream()
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         pending = self._fetch(source, side)

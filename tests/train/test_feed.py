@@ -45,6 +45,9 @@ def test_feed_state_is_the_position_of_the_batches_handed_out(tmp_path):
     resumed.load_state_dict(feed.state_dict())
     after = list(itertools.islice(resumed.batches(), 2))
     assert [b["key"] for b in after] == [b["key"] for b in reference[10:12]]
+    batches.close()
+    again = list(itertools.islice(feed.batches(), 2))  # a new iterator carries on after the last batch handed out
+    assert [b["key"] for b in again] == [b["key"] for b in reference[10:12]]
 
 
 def test_to_device_moves_every_tensor_of_a_nested_batch():
