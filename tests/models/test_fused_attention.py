@@ -211,6 +211,19 @@ def test_drops_into_kope_attention_between_its_projections(vo_rotation):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_flops_are_counted_as_for_sdpa():
+    """torch's FLOP counter sees the fused op as attention: the forward and backward FLOPs it counts for SDPA."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    shape = (2, 2, 20, 16)
+    q, k, v = (random(*shape, seed=i).float().to(DEVICE).requires_grad_() for i in range(3))
+    phasor = unit_phasor(1, 1, 20, 16, seed=4).float().to(DEVICE)
+    with FlopCounterMode(display=False) as counter:
+        kope_attention(q, k, v, phasor).sum().backward()
+    expected = sdpa_flop_count(shape, shape, shape) + sdpa_backward_flop_count(shape, shape, shape, shape)
+    assert expected == 4 * 2 * 2 * 20 * 20 * 16 * 7 // 2 and counter.get_total_flops() == expected
+
+
 def test_constant_phasor_gets_no_gradient():
     q, k, v = (random(1, 2, 20, 16, seed=i).float().to(DEVICE).requires_grad_() for i in range(3))
     phasor = unit_phasor(1, 1, 20, 16, seed=1).float().to(DEVICE)

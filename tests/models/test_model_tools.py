@@ -66,6 +66,7 @@ def test_bench_model_runs_the_fused_and_eager_variants_beside_the_vit(capsys):
     assert [lines[v]["fused_attention"] for v in ("kope", "kope_fused", "kope_eager")] == [False, True, False]
     assert all(line["img_per_s"] > 0 and line["mfu"] is None for line in lines.values())
     assert all("vs_vit" in lines[v] for v in ("kope", "kope_fused", "kope_eager"))
+    assert lines["kope_fused"]["gflop_per_img"] == lines["kope"]["gflop_per_img"], "the same model FLOPs"
 
 
 def test_bench_names_an_unknown_model(capsys):
