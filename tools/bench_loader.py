@@ -1,6 +1,7 @@
 """Benchmark the loaders: decode + augment images/s per worker for each mode, against bare PIL decoding of the
 same JPEG bytes in the same run, plus PIL draft mode, torchvision's decode_jpeg (CPU, and CUDA when present)
-and the whole resumable loader with N workers. Prints one JSON object.
+and the whole resumable loader with N workers, as training reads it (``stream()``: one set of workers for every
+epoch, pinned batches where CUDA is), for float and for uint8 batches. Prints one JSON object.
 
 Per-worker figures run in this process with one thread, as a DataLoader worker does, and count CPU time, so
 they stand for one dedicated core even on a busy machine; the loader run counts wall time. Without ``--dataset``
@@ -14,6 +15,7 @@ dataset made by ``shard_imagenet`` for real figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -105,12 +107,11 @@ def cuda_decode_rate(jpegs: list[bytes], seconds: float) -> float | None:
 
 
 def loader_rate(dataset: Path, samples, workers: int, batch: int, seconds: float) -> float:
-    """The whole resumable loader: images per wall-clock second with workers, per CPU-second without
+    """The whole resumable loader's stream: images per wall-clock second with workers, per CPU-second without
     (then it includes tar reads, per-sample seeding and collation, to compare with the bare pipeline)."""
     clock = time.perf_counter if workers else time.process_time
-    settings = LoaderSettings(batch_size=batch, num_workers=workers, window_shards=4,
-                              samples_per_epoch=10**9)
-    batches = iter(ResumableLoader(dataset, samples, settings))
+    settings = LoaderSettings(batch_size=batch, num_workers=workers, window_shards=4)
+    batches = ResumableLoader(dataset, samples, settings).stream()
     next(batches)
     done, start = 0, clock()
     while clock() - start < seconds:
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
             "supervised_eval": supervised_samples(supervised, train=False),
             "dino": dino_samples(dino),
             "dino_draft": dino_samples(dino, draft_size=draft),
+            "dino_uint8": dino_samples(dataclasses.replace(dino, uint8_images=True)),
         }
         if all("txt" in m for m in members):
             pipelines["clip"] = clip_samples(ClipAugSettings(image_size=args.size))
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         workers = max(args.workers, 1)
         in_process = loader_rate(dataset, pipelines["supervised_train"], 0, args.batch, args.seconds)
         loader = loader_rate(dataset, pipelines["supervised_train"], workers, args.batch, args.seconds)
+        loader_uint8 = loader_rate(dataset, pipelines["supervised_train_uint8"], workers, args.batch, args.seconds)
 
     sizes = [len(j) for j in jpegs]
     first = Image.open(io.BytesIO(jpegs[0]))
@@ -186,6 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
             "in_process_vs_bare_pipeline": round(in_process / modes["supervised_train"], 3),
             "workers": workers, "batch": args.batch, "images_per_s": round(loader, 1),
             "per_worker": round(loader / workers, 1),
+        },
+        "loader_supervised_train_uint8": {
+            "workers": workers, "batch": args.batch, "images_per_s": round(loader_uint8, 1),
+            "per_worker": round(loader_uint8 / workers, 1), "vs_float": round(loader_uint8 / loader, 3),
         },
         "estimate_16_workers_supervised": {
             k: round(16 * modes[k])

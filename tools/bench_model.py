@@ -1,14 +1,17 @@
-"""Training-step benchmark of a KoPE ViT against timm's ViT of the same size, measured in one process.
+"""Training-step benchmark of KoPE ViTs against timm's ViT of the same size, measured in one process.
 
-Prints one JSON line per model: training images/s (bf16 autocast, AdamW fused on CUDA, torch.compile when
-enabled, after warm-up), TFLOP/s from torch's FLOP counter, peak GPU memory and the bytes autograd saves
-for backward (an eager-mode activation figure that also works on the CPU). The KoPE line carries its ratios
-to the ViT line.
+Prints one JSON line per variant: training images/s (bf16 autocast, AdamW fused on CUDA, torch.compile when
+enabled, after warm-up), TFLOP/s from torch's FLOP counter and the MFU against the GPU's bf16 peak (from the peak
+table of ``pipeline.train.metrics``; none for a GPU not in it), peak GPU memory and the bytes autograd saves for
+backward (an eager-mode activation figure that also works on the CPU). Every KoPE line carries its ratios to the
+ViT line (``vs_vit``).
 
-``kope_output_saving`` is the same KoPE model with the rotation backward it had before it was made exact: that
-one saved the rotated output (which attention keeps anyway) and recovered the input by the inverse rotation,
-which is right only for unit phasors. Measured in the same run, the KoPE line then also carries its ratios to
-it: what the exact gradient costs in activation memory and step time.
+Variants (``--models``): ``vit`` (timm's ``vit_*_patch16_224``, the reference), ``kope`` (KoPE with the plain
+attention path), ``kope_fused`` (KoPE with the fused Triton attention kernel: CUDA only), ``kope_eager`` (KoPE,
+plain path, never compiled: what an uncompiled stage runs) and ``kope_output_saving`` (the rotation backward KoPE
+had before it was made exact, which saved the rotated output and recovered the input by the inverse rotation,
+right only for unit phasors; the ``kope`` line then carries its ratios to it too). ``--compile`` applies to every
+variant but ``kope_eager``.
 
     python tools/bench_model.py --threads 1           # CPU defaults: tiny models, 64 px, a few steps
     python tools/bench_model.py --device cuda --size base --batch 256 --img-size 224 --steps 50
@@ -32,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import pipeline.models  # noqa: F401  (registers the KoPE models)
 from pipeline.models import phase as ph
+from pipeline.train.metrics import peak_flops
 
 CPU_DEFAULTS = dict(size="tiny", batch=8, img_size=64, steps=4, warmup=2)
 CUDA_DEFAULTS = dict(size="base", batch=256, img_size=224, steps=30, warmup=10)
@@ -80,7 +84,12 @@ def rotation_backward(kind: str) -> Iterator[None]:
         ph._PairRotation = exact
 
 
-VARIANTS = {"vit": "exact", "kope": "exact", "kope_output_saving": "output_saving"}
+VARIANTS = {"vit": "exact", "kope": "exact", "kope_fused": "exact", "kope_eager": "exact",
+            "kope_output_saving": "output_saving"}
+"""Each variant's rotation backward (the order is the order they run and print: references first)."""
+ORDER = ("vit", "kope_output_saving", "kope", "kope_fused", "kope_eager")
+ATTENTION = {"kope": False, "kope_fused": True, "kope_eager": False, "kope_output_saving": False}
+"""Each KoPE variant's ``fused_attention``."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,9 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the models (default: on with CUDA, off on the CPU)")
     parser.add_argument("--kope-args", type=json.loads, default={}, help="JSON of extra KoPE constructor options")
-    parser.add_argument("--models", default="vit,kope", help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--models", help=f"comma-separated subset of {','.join(VARIANTS)} (cpu: vit,kope; cuda: "
+                                         "vit,kope,kope_fused,kope_eager)")
     parser.add_argument("--threads", type=int, help="CPU threads (on a shared machine 1 gives stable figures)")
     args = parser.parse_args(argv)
+    if args.models is None:
+        args.models = "vit,kope,kope_fused,kope_eager" if args.device.startswith("cuda") else "vit,kope"
     unknown = set(args.models.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"--models: unknown {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
@@ -156,7 +168,7 @@ def _saved_activation_bytes(model: torch.nn.Module, images: torch.Tensor, labels
     return sum(storages.values())
 
 
-def measure(name: str, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+def measure(name: str, args: argparse.Namespace, extra: dict[str, Any], compile_model: bool) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = timm.create_model(name, img_size=args.img_size, num_classes=1000, **extra).to(device).train()
@@ -165,7 +177,7 @@ def measure(name: str, args: argparse.Namespace, extra: dict[str, Any]) -> dict[
     flops = _flops_per_step(model, images, labels)
     saved = _saved_activation_bytes(model, images, labels)
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    runner = torch.compile(model) if args.compile else model
+    runner = torch.compile(model) if compile_model else model
     step = _train_step(runner, optimiser, device)
     for _ in range(args.warmup):
         step(images, labels)
@@ -183,12 +195,13 @@ def measure(name: str, args: argparse.Namespace, extra: dict[str, Any]) -> dict[
         "torch": torch.__version__,
         "batch": args.batch,
         "img_size": args.img_size,
-        "compile": args.compile,
+        "compile": compile_model,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "img_per_s": round(args.batch / seconds, 2),
         "step_ms": round(seconds * 1e3, 2),
         "gflop_per_img": round(flops / args.batch / 1e9, 3),
         "tflop_per_s": round(flops / seconds / 1e12, 4),
+        "mfu": round(flops / seconds / peak, 4) if (peak := peak_flops(device)) else None,
         "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
         "saved_activations_mb": round(saved / 2**20, 2),
     }
@@ -213,14 +226,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     wanted = args.models.split(",")
     results: dict[str, dict[str, Any]] = {}
-    for variant in ("vit", "kope_output_saving", "kope"):  # the reference lines first
-        if variant not in wanted:
-            continue
+    for variant in (v for v in ORDER if v in wanted):
         name = f"vit_{args.size}_patch16_224" if variant == "vit" else f"vit_kope_{args.size}_patch16_224"
+        extra = {} if variant == "vit" else {**args.kope_args, "fused_attention": ATTENTION[variant]}
         with rotation_backward(VARIANTS[variant]):
-            line = measure(name, args, {} if variant == "vit" else args.kope_args)
+            line = {"variant": variant, **measure(name, args, extra, args.compile and variant != "kope_eager")}
         if variant != "vit":
             line["rotation_backward"] = VARIANTS[variant]
+            line["fused_attention"] = ATTENTION[variant]
             if args.kope_args:
                 line["kope_args"] = args.kope_args
             if "vit" in results:

@@ -19,7 +19,11 @@ default for training) every rank takes ``epoch_length // global_batch`` steps an
 epoch is skipped; without it the last step is partial, the ranks' shares differing by at most one, and
 a rank whose share is empty yields no batch for that step (meant for evaluation). The loader moves to
 the next epoch when an epoch's iteration finishes: train with ``while loader.epoch < epochs:
-for batch in loader: ...``.
+for batch in loader: ...``, or with :meth:`ResumableLoader.stream`, which yields the same batches epoch after
+epoch from one DataLoader whose workers live across epochs (no new worker processes, no emptied prefetch queue
+at an epoch boundary). The position after each batch is the same either way.
+
+Pinned memory (``pin_memory``) is used where CUDA is, so batches copy to the GPU asynchronously.
 
 Reading: each worker indexes the tar headers of the shards it touches (milliseconds per shard);
 ``index_cache_dir`` keeps those indexes, keyed by shard sha256, for every worker and node sharing it. A
@@ -29,6 +33,7 @@ sample that cannot be read or decoded stops the loader with one line naming its 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from collections.abc import Iterator
@@ -88,41 +93,73 @@ class _Failure:
     message: str
 
 
-class _StepStream(IterableDataset):
-    """The batches of one rank from ``start`` on; worker w builds steps w, w + W, ... of them."""
+class _Empty:
+    """Stands for a step whose share on this rank is empty (a partial last step without ``drop_last``): the
+    worker still answers for the step, so the DataLoader's round-robin over workers stays aligned with steps."""
 
-    def __init__(self, shards: _ShardList, spec: OrderSpec, epoch: int, start: int, num_steps: int,
-                 batch_size: int, rank: int, world_size: int, samples: SamplePipeline,
-                 cache_dir: Path | None):
+
+@dataclass(frozen=True)
+class _Steps:
+    """The steps one DataLoader iteration covers: ``first`` steps of ``epoch`` from position ``start``, then
+    ``per_epoch`` steps of each following epoch, ``epochs`` epochs in all (None: without end)."""
+
+    epoch: int
+    start: int
+    first: int
+    per_epoch: int
+    epochs: int | None
+
+    def count(self) -> int | None:
+        if self.epochs is None:
+            return None
+        return self.first + max(self.epochs - 1, 0) * self.per_epoch
+
+    def locate(self, step: int) -> tuple[int, int, int]:
+        """(epoch, the position that epoch started at, step within it) of the iteration's ``step``-th step."""
+        if step < self.first:
+            return self.epoch, self.start, step
+        later, within = divmod(step - self.first, self.per_epoch)
+        return self.epoch + 1 + later, 0, within
+
+
+class _StepStream(IterableDataset):
+    """The batches of one rank over ``steps``; worker w builds steps w, w + W, ... of them."""
+
+    def __init__(self, shards: _ShardList, spec: OrderSpec, steps: _Steps, batch_size: int, rank: int,
+                 world_size: int, samples: SamplePipeline, cache_dir: Path | None):
         super().__init__()
         self.shards = shards
         self.spec = spec
-        self.epoch = epoch
-        self.start = start
-        self.num_steps = num_steps
+        self.steps = steps
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
         self.samples = samples
         self.cache_dir = cache_dir
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any] | _Empty | _Failure]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        order = EpochOrder(self.spec, self.epoch)
+        count = self.steps.count()
+        mine = itertools.count(worker, workers) if count is None else worker_steps(count, worker, workers)
         readers = ShardReaders(self.shards.paths, self.shards.sizes, self.shards.sha256s, self.cache_dir,
                                max_open=2 * self.spec.window_shards + 2)
+        order = None
         try:
-            for step in worker_steps(self.num_steps, worker, workers):
-                positions = rank_positions(self.start, step, self.batch_size, self.rank, self.world_size,
-                                           len(order))
-                if positions.size:
-                    try:
-                        batch = self._batch(order, readers, positions, restore=info is None)
-                    except ValueError as error:
-                        yield _Failure(str(error))
-                        return
-                    yield batch
+            for step in mine:
+                epoch, start, within = self.steps.locate(step)
+                if order is None or order.epoch != epoch:
+                    order = EpochOrder(self.spec, epoch)
+                positions = rank_positions(start, within, self.batch_size, self.rank, self.world_size, len(order))
+                if not positions.size:
+                    yield _Empty()
+                    continue
+                try:
+                    batch = self._batch(order, readers, positions, restore=info is None)
+                except ValueError as error:
+                    yield _Failure(str(error))
+                    return
+                yield batch
         finally:
             readers.close()
 
@@ -197,27 +234,47 @@ class ResumableLoader:
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        settings = self.settings
+        """The rest of the current epoch; then the loader is at the start of the next one."""
         num_steps = steps_remaining(self.samples_consumed, self.global_batch_size, self.epoch_length,
-                                    settings.drop_last)
-        stream = _StepStream(
-            self._shards, self.spec, self.epoch, self.samples_consumed, num_steps, settings.batch_size,
-            self.rank, self.world_size, self.samples,
-            Path(settings.index_cache_dir) if settings.index_cache_dir else None,
-        )
+                                    self.settings.drop_last)
         if num_steps:
-            loader = DataLoader(
-                stream, batch_size=None, num_workers=settings.num_workers, pin_memory=settings.pin_memory,
-                prefetch_factor=settings.prefetch_factor if settings.num_workers else None,
-                worker_init_fn=_ignore_stop_signals,
-            )
-            for batch in loader:
-                if isinstance(batch, _Failure):
-                    raise ValueError(batch.message)
-                self.samples_consumed = min(self.samples_consumed + self.global_batch_size, self.epoch_length)
-                yield batch
+            yield from self._iterate(_Steps(self.epoch, self.samples_consumed, num_steps, 0, epochs=1))
         self.epoch += 1
         self.samples_consumed = 0
+
+    def stream(self) -> Iterator[dict[str, Any]]:
+        """The batches of every epoch from the current position on, without end, from one DataLoader: the same
+        batches, and the same ``epoch`` / ``samples_consumed`` after each, as ``for batch in loader`` epoch after
+        epoch, but the workers (and their open shards and prefetched batches) carry on across epoch boundaries."""
+        if not self.steps_per_epoch:
+            raise ValueError(f"an epoch of {self.epoch_length} samples holds no global batch of "
+                             f"{self.global_batch_size}")
+        first = steps_remaining(self.samples_consumed, self.global_batch_size, self.epoch_length,
+                                self.settings.drop_last)
+        yield from self._iterate(_Steps(self.epoch, self.samples_consumed, first, self.steps_per_epoch, None))
+
+    def _iterate(self, steps: _Steps) -> Iterator[dict[str, Any]]:
+        """One DataLoader over ``steps``; the position moves as each batch is handed out."""
+        settings = self.settings
+        stream = _StepStream(
+            self._shards, self.spec, steps, settings.batch_size, self.rank, self.world_size, self.samples,
+            Path(settings.index_cache_dir) if settings.index_cache_dir else None,
+        )
+        loader = DataLoader(
+            stream, batch_size=None, num_workers=settings.num_workers,
+            pin_memory=settings.pin_memory and torch.cuda.is_available(),
+            prefetch_factor=settings.prefetch_factor if settings.num_workers else None,
+            worker_init_fn=_ignore_stop_signals,
+        )
+        for step, batch in enumerate(loader):
+            if isinstance(batch, _Failure):
+                raise ValueError(batch.message)
+            if isinstance(batch, _Empty):
+                continue
+            epoch, start, within = steps.locate(step)
+            self.epoch = epoch
+            self.samples_consumed = min(start + (within + 1) * self.global_batch_size, self.epoch_length)
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "samples_consumed": self.samples_consumed, "order": self._fingerprint}

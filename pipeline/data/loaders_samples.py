@@ -3,10 +3,14 @@
 Batches are dicts (``key`` always holds the sample keys, in batch order); tensors are stacked with
 ``default_collate``, which in a worker writes straight into shared memory (no second copy to send it):
 
-* supervised: ``image`` float [B, 3, S, S], ``label`` int64 [B];
-* DINO: ``global_crops`` [2B, 3, G, G] and ``local_crops`` [N·B, 3, L, L], crop-major (all samples' first
-  crop, then all samples' second crop, as DINOv2 collates), ``masks`` bool [2B, (G/patch)²] in the order
-  of ``global_crops``;
+* supervised: ``image`` float [B, 3, S, S] (uint8 with ``uint8_images``), ``label`` int64 [B];
+* DINO: ``global_crops`` [2B, 3, G, G] and ``local_crops`` [N·B, 3, L, L] (uint8 with ``uint8_images``),
+  crop-major (all samples' first crop, then all samples' second crop, as DINOv2 collates), ``masks`` bool
+  [2B, (G/patch)²] in the order of ``global_crops``, and the same masks as index lists (DINOv2's): ``mask_indices``
+  int64 [M], the flat (crop · patches + patch) index of every masked patch in row-major order, and
+  ``mask_weights`` fp32 [M], 1 / (masked patches of its crop). Built here, on the workers, so training selects
+  masked patches with ``index_select`` of a size the host knows, not boolean indexing (a device sync and a
+  data-dependent shape every step);
 * CLIP: ``image`` float [B, 3, S, S], ``text`` int64 [B, context length] from open_clip's tokenizer.
 """
 
@@ -69,6 +73,14 @@ class SupervisedSamples:
         }
 
 
+def masked_patch_index(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``masks`` (crops, patches) bool as the flat indices of the masked patches (row-major) and each one's weight,
+    1 / (masked patches of its crop): every masked crop then weighs one in iBOT's loss, whatever its mask size."""
+    indices = masks.flatten().nonzero().flatten()
+    counts = masks.sum(-1).clamp_min(1).float()
+    return indices, (1.0 / counts)[indices // masks.shape[-1]]
+
+
 def _crop_major(samples: list[Sample], field: str) -> list[torch.Tensor]:
     count = len(samples[0][field])
     return [s[field][i] for i in range(count) for s in samples]
@@ -86,12 +98,17 @@ class DinoSamples:
 
     def collate(self, samples: list[Sample]) -> dict[str, Any]:
         local = _crop_major(samples, "local_crops")
-        size = self.multicrop.aug.local_size
+        aug = self.multicrop.aug
+        empty = torch.empty(0, 3, aug.local_size, aug.local_size, dtype=torch.uint8 if aug.uint8_images else None)
+        masks = default_collate(_crop_major(samples, "masks"))
+        indices, weights = masked_patch_index(masks)
         return {
             "key": [s["key"] for s in samples],
             "global_crops": default_collate(_crop_major(samples, "global_crops")),
-            "local_crops": default_collate(local) if local else torch.empty(0, 3, size, size),
-            "masks": default_collate(_crop_major(samples, "masks")),
+            "local_crops": default_collate(local) if local else empty,
+            "masks": masks,
+            "mask_indices": indices,
+            "mask_weights": weights,
         }
 
 

@@ -29,7 +29,8 @@ class LoaderSettings:
     draft_size: int = setting(0, ge=0, help="JPEG draft decoding keeping both sides >= this (0: off)")
     index_cache_dir: str = setting("", help="folder for tar indexes keyed by shard sha256 ('': memory)", identity=False)
     prefetch_factor: int = setting(2, ge=1, help="batches each worker prepares ahead", identity=False)
-    pin_memory: bool = setting(False, help="page-locked batches for faster copies to the GPU", identity=False)
+    pin_memory: bool = setting(True, help="page-locked batches (where CUDA is), copied to the GPU while it computes",
+                               identity=False)
 
 
 @dataclass
@@ -53,8 +54,8 @@ class SupervisedAugSettings:
     mixup_prob: float = setting(1.0, ge=0, le=1, help="probability of mixing a batch")
     mixup_switch_prob: float = setting(0.5, ge=0, le=1, help="probability of CutMix when both are on")
     label_smoothing: float = setting(0.0, ge=0, lt=1)
-    uint8_images: bool = setting(False, help="batches of uint8 pixels, normalised on the GPU by "
-                                 "normalize_images: 4x smaller batches and less work per worker")
+    uint8_images: bool = setting(False, help="batches of uint8 pixels, normalised on the training device "
+                                 "(transforms.ImageNormalizer): 4x smaller batches and less work per worker")
 
 
 @dataclass
@@ -73,6 +74,8 @@ class DinoAugSettings:
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    uint8_images: bool = setting(False, identity=False, help="crops as uint8 pixels, normalised on the training "
+                                 "device: 4x smaller batches (the same pixels: results change by float rounding)")
 
 
 @dataclass

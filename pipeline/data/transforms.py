@@ -49,18 +49,35 @@ def eval_transform(
     uint8: bool = False,
 ) -> ImageTransform:
     """Resize the shorter side to image_size / crop_pct, centre-crop image_size (timm's eval transform);
-    ``uint8`` stops before normalising (see :func:`normalize_images`)."""
+    ``uint8`` stops before normalising (see :class:`ImageNormalizer`)."""
     return create_transform(
         input_size=image_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
         mean=mean, std=std, use_prefetcher=uint8,
     )
 
 
-def normalize_images(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 [B, 3, H, W] (``uint8_images``) to normalised float, on the images' device."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
-    return (images.float() - mean_t) / std_t
+class ImageNormalizer:
+    """uint8 ``[B, 3, H, W]`` batches (``uint8_images``) to normalised fp32 on their device: what ``ToTensor`` and
+    ``Normalize`` compute on the loader's workers, done after the copy to the device instead, which then moves a
+    quarter of the bytes. The same uint8 pixels either way, so the results differ only by float rounding. The
+    constants are made once per device (no host-to-device copy per batch)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.mean = tuple(255.0 * float(m) for m in mean)
+        self.std = tuple(255.0 * float(s) for s in std)
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._constants:
+            self._constants[device] = (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+                                       torch.tensor(self.std, device=device).view(1, -1, 1, 1))
+        return self._constants[device]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images (uint8_images: true), got {images.dtype}")
+        mean, std = self._on(images.device)
+        return (images.float() - mean) / std
 
 
 def supervised_train_transform(aug: SupervisedAugSettings) -> ImageTransform:
@@ -151,7 +168,8 @@ class RandomGaussianBlur:
 
 
 class DinoMultiCrop:
-    """One image to 2 global crops, N local crops and a block mask per global crop (flattened grid)."""
+    """One image to 2 global crops, N local crops and a block mask per global crop (flattened grid). Crops are
+    normalised fp32, or the uint8 pixels with ``uint8_images`` (see :class:`ImageNormalizer`)."""
 
     def __init__(self, aug: DinoAugSettings):
         if aug.global_size % aug.patch_size:
@@ -162,7 +180,7 @@ class DinoMultiCrop:
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
         ])
-        finish = T.Compose([T.ToTensor(), T.Normalize(aug.mean, aug.std)])
+        finish = T.PILToTensor() if aug.uint8_images else T.Compose([T.ToTensor(), T.Normalize(aug.mean, aug.std)])
         global_crop = T.Compose([
             T.RandomResizedCrop(aug.global_size, scale=tuple(aug.global_scale), interpolation=bicubic),
             T.RandomHorizontalFlip(aug.hflip),
@@ -214,14 +232,29 @@ class ClipAugSettings:
     context_length: int = setting(77, ge=2, help="text tokens per caption")
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    uint8_images: bool = False
 
 
 def clip_image_transform(aug: ClipAugSettings, train: bool) -> ImageTransform:
-    """open_clip's transform: RandomResizedCrop(scale) when training, resize + centre crop otherwise."""
-    return open_clip.image_transform(
+    """open_clip's transform: RandomResizedCrop(scale) when training, resize + centre crop otherwise; with
+    ``uint8_images`` it stops before its ToTensor and Normalize (see :func:`clip_normalizer`)."""
+    transform = open_clip.image_transform(
         aug.image_size, is_train=train, mean=aug.mean, std=aug.std,
         aug_cfg=open_clip.AugmentationCfg(scale=tuple(aug.scale)) if train else None,
     )
+    if not aug.uint8_images:
+        return transform
+    *head, to_tensor, normalize = transform.transforms
+    if not isinstance(normalize, T.Normalize) or "ToTensor" not in type(to_tensor).__name__:
+        raise ValueError(f"open_clip's image transform no longer ends with ToTensor and Normalize: {transform}")
+    return T.Compose([*head, T.PILToTensor()])
+
+
+def clip_normalizer(aug: ClipAugSettings) -> ImageNormalizer:
+    """The normalisation open_clip's transform ends with, for uint8 batches on the training device."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return ImageNormalizer(aug.mean or OPENAI_DATASET_MEAN, aug.std or OPENAI_DATASET_STD)
 
 
 def clip_tokenizer(aug: ClipAugSettings) -> Callable[[list[str]], torch.Tensor]:

@@ -8,12 +8,19 @@ the maths and its tensor layouts.
 With ``kope=False`` the model *is* timm's ``VisionTransformer`` (same modules, keys and numerics), so timm ViT
 weights load strictly into it, and non-strictly into a KoPE model of the same size (only the KoPE
 submodules stay at their initialisation).
+
+Attention runs one of two ways, with the same parameters and the same maths (``fused_attention``): the plain
+path (``pipeline.models.phase`` rotations around PyTorch's SDPA: the reference, and what runs on CPUs), or the
+fused Triton kernel of ``pipeline.models.fused``, which rotates q, k, v as its tiles load and the output as it
+is stored, so the rotations cost no pass over memory of their own. ``"auto"`` (the default) takes the fused
+kernel on CUDA devices that run it and the plain path everywhere else.
 """
 
 from __future__ import annotations
 
+import functools
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +36,34 @@ from pipeline.models.phase import CouplingVariant, KuramotoCoupling
 
 __all__ = ["KopeAttention", "KopeBlock", "KopeVisionTransformer"]
 
+FusedChoice = bool | Literal["auto"]
+
+
+@functools.cache
+def _fused_kernels_run(head_dim: int) -> bool:
+    try:
+        from pipeline.models import fused  # imported only here: it builds Triton kernels
+    except ImportError:
+        return False
+    return head_dim in fused.HEAD_DIMS and fused.available("cuda")
+
+
+@torch.compiler.assume_constant_result
+def fused_kernels_run_on_cuda(head_dim: int) -> bool:
+    """Whether the fused kernels run on this process's CUDA device for heads of ``head_dim`` channels (decided
+    once; a constant for ``torch.compile``, so the choice adds no graph break)."""
+    return _fused_kernels_run(head_dim)
+
 
 class KopeAttention(nn.Module):
     """Softmax self-attention on phase-rotated q, k, v; the output is rotated back before the projection.
 
     Submodule names match timm's ``Attention`` (``qkv``, ``proj``) so ViT weights load; the per-head phase
     mix ``M`` (H×R×R, initialised ``I + xavier_normal(gain)``) is the only extra parameter.
+
+    ``fused_attention``: ``"auto"`` (the fused kernel on CUDA when it runs there, else the plain path), ``True``
+    (always fused: on the CPU only under Triton's interpreter, for tests) or ``False`` (always plain). The fused
+    kernel has no attention dropout: with ``attn_drop > 0`` training takes the plain path (``True`` refuses it).
     """
 
     def __init__(
@@ -48,14 +77,21 @@ class KopeAttention(nn.Module):
         vo_rotation: bool = True,
         phase_mix: bool = True,
         mix_init_gain: float = 0.1,
+        fused_attention: FusedChoice = "auto",
         device: Any = None,
         dtype: Any = None,
     ) -> None:
         super().__init__()
+        if fused_attention not in (True, False, "auto"):
+            raise ValueError(f"fused_attention must be true, false or 'auto', got {fused_attention!r}")
+        if fused_attention is True and attn_drop > 0:
+            raise ValueError("the fused KoPE attention has no attention dropout: set attn_drop_rate 0 or "
+                             "fused_attention to 'auto' or false")
         dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
+        self.fused_attention = fused_attention
         self.vo_rotation = vo_rotation
         self.mix_init_gain = mix_init_gain
         self.attn_drop = attn_drop
@@ -78,9 +114,23 @@ class KopeAttention(nn.Module):
         """This block's rotation phasor e^{iψ}, ``(B|1, H|1, N, 2, R)`` fp32, from the incoming phasors."""
         return ph.split_phasor(z) if self.phase_mix is None else ph.mix_rotation(z, self.phase_mix)
 
+    def uses_fused(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` takes the fused kernel for input ``x`` (see the class docstring)."""
+        if self.fused_attention is False or (self.training and self.attn_drop > 0):
+            return False
+        if self.fused_attention == "auto":
+            return x.is_cuda and fused_kernels_run_on_cuda(self.head_dim)
+        return True
+
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
+        if self.uses_fused(x):
+            from pipeline.models.fused import kope_attention
+
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # views: the kernel reads the projection strided
+            out = kope_attention(q, k, v, self.rotation(z).flatten(-2), rotate_vo=self.vo_rotation)
+            return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))  # token-major: a view
         rot = ph.token_major(self.rotation(z), qkv.dtype)
         q, k, v = ph.rotate_qkv(qkv, rot, rotate_v=self.vo_rotation).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
@@ -130,6 +180,7 @@ class KopeBlock(nn.Module):
         phase_mix: bool = True,
         mix_init_gain: float = 0.1,
         phase_norm: bool = False,
+        fused_attention: FusedChoice = "auto",
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -148,6 +199,7 @@ class KopeBlock(nn.Module):
             vo_rotation=vo_rotation,
             phase_mix=phase_mix,
             mix_init_gain=mix_init_gain,
+            fused_attention=fused_attention,
             **dd,
         )
         self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
@@ -178,7 +230,8 @@ class KopeVisionTransformer(VisionTransformer):
     at their 2-D RoPE initialisation, a RoPE ViT), ``vo_rotation`` (False: rotate q and k only),
     ``phase_mix`` (False: M = I), ``coupling`` (``"rms_qk"``, or ``"vo_proj"``: the authors' supervised
     variant, with a LayerNorm per block before the shared coupling), ``gamma`` and ``learnable_gamma`` (the
-    Kuramoto step size), ``rope_base`` and ``mix_init_gain``. ``norm_eps`` sets the epsilon of every
+    Kuramoto step size), ``rope_base`` and ``mix_init_gain``. ``fused_attention`` picks the attention kernel
+    (see :class:`KopeAttention`; results agree to float rounding). ``norm_eps`` sets the epsilon of every
     LayerNorm (timm's default 1e-6; open_clip's towers use 1e-5) by a plain number, so exported configs stay JSON.
 
     Beyond timm's API: ``forward_feature_dict`` (CLS, register and patch tokens plus the final patch phases)
@@ -196,6 +249,7 @@ class KopeVisionTransformer(VisionTransformer):
         learnable_gamma: bool = False,
         rope_base: float = ph.ROPE_BASE,
         mix_init_gain: float = 0.1,
+        fused_attention: FusedChoice = "auto",
         norm_eps: float | None = None,
         **kwargs: Any,
     ) -> None:
@@ -212,7 +266,7 @@ class KopeVisionTransformer(VisionTransformer):
             if embed_dim % num_heads or (embed_dim // num_heads) % 4:
                 raise ValueError(f"KoPE needs a head dim divisible by 4: embed_dim={embed_dim}, num_heads={num_heads}")
             blocks = partial(KopeBlock, vo_rotation=vo_rotation, phase_mix=phase_mix, mix_init_gain=mix_init_gain,
-                             phase_norm=kuramoto and coupling == "vo_proj")
+                             phase_norm=kuramoto and coupling == "vo_proj", fused_attention=fused_attention)
             super().__init__(block_fn=blocks, **kwargs)
         self.kope = kope
         self.rope_base = rope_base

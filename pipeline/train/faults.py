@@ -97,8 +97,9 @@ class StopRequest:
         """The name of the stop signal any rank received (None: carry on), the same on every rank (a
         collective: call on all ranks)."""
         number = signal.Signals[self.signal_name].value if self.signal_name else 0
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.signal_name  # one rank: nothing to agree on, no device round trip
         flag = torch.tensor([number], dtype=torch.int64, device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         received = int(flag.item())
         return signal.Signals(received).name if received else None

@@ -4,8 +4,9 @@ utilisation on GPUs, and KoPE's state (coupling step γ, phase synchrony)."""
 from __future__ import annotations
 
 import math
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -13,19 +14,36 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-# Dense bf16 tensor-core peak per GPU (TFLOP/s), from the vendors' data sheets (SXM parts).
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+# Dense (no sparsity) bf16 tensor-core peak per GPU in TFLOP/s, from the vendors' data sheets, matched in this
+# order against the name CUDA reports (``torch.cuda.get_device_name``): the first pattern found in it wins, so
+# the PCIe and NVL parts come before the SXM part of the same name.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    (r"H200 NVL", 835.0),
+    (r"GH200|H200", 989.0),
+    (r"H100 NVL", 835.0),
+    (r"H100 PCIe", 756.0),
+    (r"H100", 989.0),  # SXM5 (reported as "H100 80GB HBM3")
+    (r"A100", 312.0),  # SXM4 and PCIe alike
+    (r"L40S", 362.0),
+    (r"L40\b", 181.0),
+    (r"L4\b", 121.0),
+)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of the GPU called ``device_name``, or None for one not in the table: then no
+    MFU is reported rather than one measured against another GPU's peak."""
+    for pattern, tflops in PEAK_BF16_TFLOPS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return tflops * 1e12
+    return None
 
 
 def peak_flops(device: torch.device) -> float | None:
     """The device's peak bf16 FLOP/s, or None when unknown (CPUs, unlisted GPUs): then no MFU is logged."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    return peak_bf16_flops(torch.cuda.get_device_name(device))
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -69,32 +87,36 @@ class Throughput:
 class MeanWindow:
     """The loss and the task's scalars summed since the last report on this rank; means over all ranks' micro-
     batches at a report. Non-finite losses (skipped steps) are left out of the mean. The window is saved with
-    checkpoints, so the first report after a resume averages the same micro-batches as an uninterrupted run."""
+    checkpoints, so the first report after a resume averages the same micro-batches as an uninterrupted run.
+
+    Nothing here reads a device value between reports: the loss and tensor-valued scalars are summed on their
+    device, plain numbers on the host, and both are read back once, at a report or a checkpoint."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.loss_count = torch.zeros((), dtype=torch.float64, device=device)
-        self.metric_sums: dict[str, float] = {}
+        self.metric_sums: dict[str, torch.Tensor | float] = {}
         self.micro_batches = 0
 
-    def add(self, loss: torch.Tensor, metrics: dict[str, float]) -> None:
-        """Stays on the device for the loss (no host sync per micro-batch)."""
+    def add(self, loss: torch.Tensor, metrics: Mapping[str, torch.Tensor | float]) -> None:
+        """Adds one micro-batch (no host sync: see the class docstring)."""
         value = loss.detach().double()
         finite = torch.isfinite(value)
         self.loss_sum += torch.where(finite, value, torch.zeros_like(value))
         self.loss_count += finite.double()
         for name, metric in metrics.items():
+            metric = metric.detach().double().reshape(()) if isinstance(metric, torch.Tensor) else float(metric)
             self.metric_sums[name] = self.metric_sums.get(name, 0.0) + metric
         self.micro_batches += 1
 
     def totals(self) -> dict[str, float]:
-        """Sums over all ranks (a collective: every rank reports the same metric names)."""
+        """Sums over all ranks (a collective: every rank reports the same metric names); reads the device."""
         names = sorted(self.metric_sums)
+        sums = [torch.as_tensor(self.metric_sums[n], dtype=torch.float64, device=self.device) for n in names]
         values = torch.stack([self.loss_sum, self.loss_count,
                               torch.tensor(float(self.micro_batches), dtype=torch.float64, device=self.device),
-                              *(torch.tensor(self.metric_sums[n], dtype=torch.float64, device=self.device)
-                                for n in names)])
+                              *sums])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(values)
         return dict(zip(["loss_sum", "loss_count", "micro_batches", *names], values.tolist()))
@@ -115,7 +137,7 @@ class MeanWindow:
         self.loss_sum.fill_(totals.pop("loss_sum", 0.0))
         self.loss_count.fill_(totals.pop("loss_count", 0.0))
         self.micro_batches = int(totals.pop("micro_batches", 0))
-        self.metric_sums = totals
+        self.metric_sums = {name: float(value) for name, value in totals.items()}
 
 
 def phase_synchrony(phases: torch.Tensor) -> float:

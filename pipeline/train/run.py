@@ -16,10 +16,15 @@ change in between (the checkpoint names the changed keys and stops). On another 
 resumes (same sample stream, not bitwise); stages 1–3 refuse with a message.
 
 A stop signal saves a checkpoint and raises :class:`pipeline.train.faults.Preempted` (exit status 75).
+
+Compilation (``compile``, default on GPUs): the model compiles inside the engine (see :mod:`pipeline.train.engine`),
+with its caches in ``compile_cache_dir`` (default ``compile_cache/`` in the stage folder), so a requeued or resumed
+run reuses what the previous one compiled.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,16 @@ from pipeline.core.stage import StageContext
 from pipeline.data.manifest import Manifest
 from pipeline.data.order import steps_remaining
 from pipeline.train import rng
-from pipeline.train.engine import BatchPlan, Precision, build_engine, gathered_parameters, init_distributed
+from pipeline.train.engine import (
+    BatchPlan,
+    Precision,
+    build_engine,
+    compile_cache,
+    compile_engine,
+    gathered_parameters,
+    init_distributed,
+    resolve_compile,
+)
 from pipeline.train.schedules import build_schedule
 from pipeline.train.settings import TrainSettings
 from pipeline.train.task import Task
@@ -45,6 +59,7 @@ from pipeline.train.trainer import LoopSettings, Trainer
 MODEL_JSON = "model.json"
 MODEL_WEIGHTS = "model.safetensors"
 CHECKPOINTS = "checkpoints"
+COMPILE_CACHE = "compile_cache"
 
 
 @dataclass(frozen=True)
@@ -129,7 +144,14 @@ def run_training(settings: TrainSettings, task: Task, ctx: StageContext) -> dict
     loader = task.build_loader(ctx.rank, ctx.world_size)
     schedule = build_schedule(settings.schedule, settings.optim.lr, settings.optim.weight_decay, length.total_steps,
                               length.steps_per_epoch, plan.global_batch)
-    engine = build_engine(module, settings.optim, plan, settings.zero_stage, precision, device)
+    engine = build_engine(module, settings.optim, plan, settings.zero_stage, precision, device, settings.deepspeed)
+    compiled = resolve_compile(settings.compile, device)
+    caches: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if compiled:
+        folder = ctx.run_dir / settings.compile_cache_dir if settings.compile_cache_dir else ctx.out_dir / COMPILE_CACHE
+        caches = compile_cache(folder)
+        compile_engine(engine)
+        ctx.log.info("compiling the model inside the engine (caches in %s)", folder)
 
     checkpointer = Checkpointer(ctx.out_dir / CHECKPOINTS, settings.checkpoint.keep, ctx.rank, ctx.world_size)
     latest = checkpointer.latest()
@@ -137,13 +159,15 @@ def run_training(settings: TrainSettings, task: Task, ctx: StageContext) -> dict
     scalars = ScalarLog(ctx.out_dir / "tensorboard", enabled=ctx.is_main, resume_step=resume_step)
     loop = LoopSettings(total_steps=length.total_steps, checkpoint_every=settings.checkpoint.every_steps,
                         log_every=settings.log_every_steps,
-                        max_nonfinite_in_a_row=settings.faults.max_nonfinite_in_a_row, seed=ctx.seed)
+                        max_nonfinite_in_a_row=settings.faults.max_nonfinite_in_a_row, seed=ctx.seed,
+                        stop_check_every=settings.faults.stop_check_every_steps)
     trainer = Trainer(task, engine, loader, plan, schedule, checkpointer, loop, ctx.identity, scalars, ctx.log,
                       ctx.rank)
     try:
-        trainer.resume()
-        summary = trainer.run()
-        results = _export(task, engine, checkpointer, summary["steps"], scalars, ctx)
+        with caches:
+            trainer.resume()
+            summary = trainer.run()
+            results = _export(task, engine, checkpointer, summary["steps"], scalars, ctx)
     finally:
         scalars.close()
     return {"model": ctx.relative(ctx.out_dir / MODEL_JSON), "weights": ctx.relative(ctx.out_dir / MODEL_WEIGHTS),

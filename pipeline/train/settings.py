@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from pipeline.core.config.types import InputPath, SettingError, setting
+from pipeline.core.config.validate import suggest
 from pipeline.data.settings import DinoAugSettings, LoaderSettings, SupervisedAugSettings
 
 Mode = Literal["supervised", "dino", "clip"]
@@ -24,6 +25,54 @@ WeightsChoice = Literal["auto", "averaged", "trained"]
 """Which weights are the model: the averaged copy a task keeps (EMA, DINO teacher) when there is one, or the
 trained weights."""
 LENGTH_KEYS = ("steps", "epochs", "samples")
+
+DEEPSPEED_OWNED = {
+    "train_batch_size": "global_batch_size",
+    "train_micro_batch_size_per_gpu": "loader.batch_size",
+    "gradient_accumulation_steps": "global_batch_size and loader.batch_size",
+    "optimizer": "optim",
+    "scheduler": "schedule",
+    "zero_allow_untested_optimizer": "optim",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "precision",
+    "bfloat16": "precision",
+    "fp16": "precision",
+    "amp": "precision",
+    "torch_autocast": "precision",
+    "checkpoint": "checkpoint (the pipeline's checkpoint layout)",
+}
+"""Top-level DeepSpeed config keys the pipeline writes itself, and the setting that decides each."""
+DEEPSPEED_KEYS = frozenset({
+    "activation_checkpointing", "aio", "autotuning", "comet", "comms_logger", "communication_data_type", "compile",
+    "compression_training", "csv_monitor", "curriculum_learning", "data_efficiency", "data_types",
+    "dataloader_drop_last", "datastates_ckpt", "disable_allgather", "disable_python_gc", "dump_state", "eigenvalue",
+    "elasticity", "expert_parallel", "flops_profiler", "gradient_allreduce_op", "gradient_predivide_factor",
+    "graph_harvesting", "hybrid_engine", "log_level", "managed_gradient_accumulation", "memory_breakdown", "nebula",
+    "pipeline", "prescale_gradients", "progressive_layer_drop", "quantize_training",
+    "seq_parallel_communication_data_type", "sparse_attention", "sparse_gradients", "steps_per_print",
+    "tensor_parallel", "tensorboard", "timers", "use_data_before_expert_parallelism", "vocabulary_size",
+    "wall_clock_breakdown", "wandb", "weight_quantization", "zero_force_ds_cpu_optimizer", "zero_optimization",
+})
+"""The other top-level keys DeepSpeed's config parser reads (DeepSpeed 0.19; tests/train/test_engine_config.py
+checks the list against the installed DeepSpeed). DeepSpeed ignores a key it does not know, so a misspelt one
+would silently do nothing: here it is an error."""
+
+
+def check_deepspeed_overrides(overrides: dict[str, Any]) -> None:
+    """The ``deepspeed:`` mapping names only DeepSpeed keys the pipeline does not set itself (the values inside
+    each section are checked by DeepSpeed's own models when the engine is built)."""
+    for key, value in overrides.items():
+        if key in DEEPSPEED_OWNED:
+            raise SettingError(f"deepspeed.{key}", f"set by the pipeline from {DEEPSPEED_OWNED[key]}: set that "
+                                                   "instead")
+        if key not in DEEPSPEED_KEYS:
+            raise SettingError(f"deepspeed.{key}", f"not a DeepSpeed config key{suggest(key, DEEPSPEED_KEYS)}")
+        if key == "zero_optimization":
+            if not isinstance(value, dict):
+                raise SettingError("deepspeed.zero_optimization", f"expected a mapping, got {value!r}")
+            if "stage" in value:
+                raise SettingError("deepspeed.zero_optimization.stage", "set by the pipeline from zero_stage: set "
+                                                                        "that instead")
 
 
 @dataclass
@@ -66,9 +115,12 @@ class CheckpointSettings:
 
 @dataclass
 class FaultSettings:
-    """How many non-finite steps in a row a run tolerates."""
+    """How many non-finite steps in a row a run tolerates, and how often ranks agree on a stop signal."""
 
     max_nonfinite_in_a_row: int = setting(5, ge=1, help="stop after this many skipped (non-finite) steps in a row")
+    stop_check_every_steps: int = setting(
+        10, ge=1, identity=False, help="ranks agree on a received stop signal every N steps (and at log and "
+                                       "checkpoint steps): a collective and a host sync, so not every step")
 
 
 @dataclass
@@ -116,6 +168,8 @@ class ClipSettings:
                                           "(same gradient, less memory); false: every rank the full matrix")
     crop_scale: tuple[float, float] = (0.9, 1.0)
     max_logit_scale: float = setting(100.0, gt=1, help="upper clamp of the learnt logit scale (1/temperature)")
+    uint8_images: bool = setting(False, identity=False, help="batches of uint8 pixels, normalised on the training "
+                                 "device: 4x smaller batches (the same pixels: results change by float rounding)")
 
 
 @dataclass
@@ -139,6 +193,14 @@ class TrainSettings:
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     zero_stage: int = setting(0, ge=0, le=3, help="DeepSpeed ZeRO stage 0-3")
     precision: Precision = setting("auto", help="auto: bf16_autocast on GPUs, fp32 on CPUs (see pipeline.train.engine)")
+    compile: bool | Literal["auto"] = setting(
+        "auto", identity=False, help="torch.compile the model inside the DeepSpeed engine (auto: on GPUs, off on "
+                                     "CPUs); results change by float rounding only")
+    compile_cache_dir: str = setting("", identity=False, help="compile caches kept for a requeued run ('': "
+                                                              "<stage folder>/compile_cache)")
+    deepspeed: dict[str, Any] = setting(
+        default_factory=dict, help="DeepSpeed config merged into the generated one, e.g. {zero_optimization: "
+                                   "{reduce_bucket_size: 5.0e+7}}; keys the pipeline sets are refused")
     checkpoint: CheckpointSettings = setting(default_factory=CheckpointSettings, identity=False)
     log_every_steps: int = setting(50, ge=1, help="steps between log lines and TensorBoard points", identity=False)
     faults: FaultSettings = setting(default_factory=FaultSettings, identity=False)
@@ -160,6 +222,7 @@ class TrainSettings:
             raise SettingError("optim.name", f"lamb needs zero_stage 0: ZeRO stage {self.zero_stage} flattens "
                                              "parameters into partitions, which breaks LAMB's per-tensor trust "
                                              "ratios; use adamw for ZeRO")
+        check_deepspeed_overrides(self.deepspeed)
         warmup = self.schedule
         if self.steps and warmup.warmup_steps >= self.steps and not warmup.warmup_epochs:
             raise SettingError("schedule.warmup_steps", f"a warm-up of {warmup.warmup_steps} steps is not shorter "

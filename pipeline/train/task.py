@@ -49,13 +49,19 @@ class Task(Protocol):
 
     def build_loader(self, rank: int, world_size: int) -> Any:
         """This rank's :class:`pipeline.data.loaders.ResumableLoader` (``state_dict``/``load_state_dict``,
-        ``epoch``, ``steps_per_epoch``; one epoch of micro-batches per ``iter()``)."""
+        ``epoch``, ``steps_per_epoch``; one epoch of micro-batches per ``iter()``, every epoch from one set of
+        workers with ``stream()``, which training uses)."""
 
-    def compute_loss(self, engine: Any, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, engine: Any, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """Forward one micro-batch through ``engine`` (the DeepSpeed engine: call it, never its module's
         methods, so ZeRO-3 can gather parameters) and return the loss (a scalar tensor; the engine scales it
-        for gradient accumulation) and scalars to log. ``step`` is the optimizer step being computed (0-based).
-        Move the batch to ``engine.device`` and, when ``engine.bfloat16_enabled()``, floating inputs to bf16."""
+        for gradient accumulation) and scalars to log, as detached scalar tensors or plain numbers. ``step`` is
+        the optimizer step being computed (0-based). The batch arrives on ``engine.device`` already (the trainer
+        copies it ahead); ``.to(engine.device)`` keeps a task usable with host batches too. When
+        ``engine.bfloat16_enabled()``, cast floating inputs to bf16.
+
+        Read no device value here (``.item()``, ``float(tensor)``, boolean-mask indexing, ``if tensor:``): each is a
+        host sync that stalls the GPU's queue every micro-batch. The trainer reads the metrics at log intervals."""
 
     def after_optimizer_step(self, engine: Any, step: int) -> None:
         """Work after optimizer step ``step`` was applied (EMA or teacher update). Not called for a step the

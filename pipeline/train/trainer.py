@@ -3,7 +3,8 @@ logging and checkpoints.
 
 Step numbers count completed optimizer steps: checkpoint ``step_00000200`` holds the state after 200
 steps, TensorBoard's x-axis is the same count, and a resumed run continues with step 201. A resumed run
-sees the same micro-batches (the loader seeks to ``(epoch, samples consumed)``), the same learning rates
+sees the same micro-batches (the loader seeks to ``(epoch, samples consumed)``; batches come through
+:class:`pipeline.train.feed.DeviceFeed`, copied to the device one ahead), the same learning rates
 (schedules are functions of the step) and the same random draws (every rank's generators are restored)
 as an uninterrupted one, so on CPU with fixed thread counts its weights are bitwise the same.
 """
@@ -25,6 +26,7 @@ from pipeline.core.identity import identity_hash
 from pipeline.train import rng
 from pipeline.train.engine import BatchPlan, set_schedule
 from pipeline.train.faults import NonFiniteCounter, Preempted, StopRequest, poison_if_nonfinite
+from pipeline.train.feed import DeviceFeed
 from pipeline.train.metrics import MeanWindow, Throughput, count_flops, peak_flops
 from pipeline.train.schedules import StepSchedule
 from pipeline.train.state import Progress, RngState, RunMeters
@@ -39,12 +41,7 @@ class LoopSettings:
     log_every: int
     max_nonfinite_in_a_row: int
     seed: int
-
-
-def _micro_batches(loader: Any) -> Iterator[Any]:
-    """The loader's batches epoch after epoch (it moves to the next epoch when one is exhausted)."""
-    while True:
-        yield from loader
+    stop_check_every: int
 
 
 def _rank_seed(seed: int, rank: int, step: int) -> int:
@@ -65,6 +62,7 @@ class Trainer:
         self.task = task
         self.engine = engine
         self.loader = loader
+        self.feed = DeviceFeed(loader, engine.device)
         self.plan = plan
         self.schedule = schedule
         self.checkpointer = checkpointer
@@ -82,7 +80,7 @@ class Trainer:
         self.throughput = Throughput()
         self.peak = peak_flops(engine.device)
         self.flops_per_sample: float | None = None
-        self.parts = {"progress": self.progress, "task": task, "loader": loader, "schedule": schedule,
+        self.parts = {"progress": self.progress, "task": task, "loader": self.feed, "schedule": schedule,
                       "faults": self.nonfinite, "meters": self.meters}
         self.per_rank = {"rng": self.rng}
 
@@ -112,7 +110,7 @@ class Trainer:
             rng.seed_all(_rank_seed(self.settings.seed, self.rank, self.step))
         if self.rank == 0:
             self.log.info("resumed from %s (step %d, epoch %d, %d samples into it)", tag, self.step,
-                          self.loader.epoch, self.loader.samples_consumed)
+                          self.feed.epoch, self.feed.samples_consumed)
         return self.step
 
     # --- the loop -----------------------------------------------------------------------------------------
@@ -120,17 +118,21 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to the last step; raises Preempted (after saving) on a stop signal."""
         total = self.settings.total_steps
-        batches = _micro_batches(self.loader)
+        batches = self.feed.batches()
         saved = self.step if self.checkpointer.latest() else -1
         self.rng.apply()
         with self.stop.installed():
             while self.step < total:
                 self._train_step(batches)
-                if self.step % self.settings.log_every == 0 or self.step == total:
+                logging = self.step % self.settings.log_every == 0 or self.step == total
+                if logging:
                     with rng.isolated():
                         self._report()
-                stopping = self.stop.agreed(self.engine.device)
-                if self.step % self.settings.checkpoint_every == 0 or self.step == total or stopping:
+                checkpointing = self.step % self.settings.checkpoint_every == 0 or self.step == total
+                stopping = None
+                if logging or checkpointing or self.step % self.settings.stop_check_every == 0:
+                    stopping = self.stop.agreed(self.engine.device)
+                if checkpointing or stopping:
                     self.save()
                     saved = self.step
                 if stopping:
@@ -188,7 +190,7 @@ class Trainer:
             optim["grad_norm"] = float(norm)
         speed = self.throughput.report(self.flops_per_sample, self.peak, self.plan.world_size)
         extra = self.task.extra_metrics(engine)
-        epoch = self.loader.epoch + self.loader.samples_consumed / max(self.loader.epoch_length, 1)
+        epoch = self.feed.epoch + self.feed.samples_consumed / max(self.feed.epoch_length, 1)
         self.scalars.write(self.step, means, "train/")
         self.scalars.write(self.step, optim, "opt/")
         self.scalars.write(self.step, {**speed, "epoch": epoch}, "perf/")

@@ -14,14 +14,15 @@ from pipeline.data.transforms import (
     ClipAugSettings,
     DinoAugSettings,
     DinoMultiCrop,
+    ImageNormalizer,
     SupervisedAugSettings,
     block_mask,
     clip_image_transform,
+    clip_normalizer,
     clip_tokenizer,
     decode_image,
     eval_transform,
     make_mixup,
-    normalize_images,
     supervised_eval_transform,
     supervised_train_transform,
 )
@@ -76,8 +77,10 @@ def test_uint8_images_normalised_later_equal_the_float_transform(train):
         seed_all(2)
         outputs[uint8] = transform(image)
     assert outputs[True].dtype == torch.uint8 and outputs[True].shape == (3, 24, 24)
-    normalised = normalize_images(outputs[True][None], aug.mean, aug.std)[0]
-    assert torch.allclose(normalised, outputs[False], atol=1e-5)
+    normalised = ImageNormalizer(aug.mean, aug.std)(outputs[True][None])[0]
+    assert normalised.dtype == torch.float32 and torch.allclose(normalised, outputs[False], atol=1e-5)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        ImageNormalizer(aug.mean, aug.std)(outputs[False][None])
 
 
 def unnormalise(tensor: torch.Tensor, aug: SupervisedAugSettings) -> torch.Tensor:
@@ -182,3 +185,14 @@ def test_clip_transform_and_tokenizer():
     tokens = clip_tokenizer(aug)(["a photo of a café", "dog"])
     assert tokens.shape == (2, 12) and tokens.dtype == torch.long
     assert (tokens[0] != 0).sum() > (tokens[1] != 0).sum()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_clip_uint8_images_normalised_later_equal_open_clips_transform(train):
+    outputs = {}
+    for uint8 in (False, True):
+        aug = ClipAugSettings(image_size=32, uint8_images=uint8)
+        seed_all(4)
+        outputs[uint8] = clip_image_transform(aug, train=train)(colourful())
+    assert outputs[True].dtype == torch.uint8 and outputs[True].shape == (3, 32, 32)
+    torch.testing.assert_close(clip_normalizer(aug)(outputs[True][None])[0], outputs[False], rtol=1e-5, atol=1e-5)

@@ -3,7 +3,8 @@
 Without CUDA the Triton kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set before Triton is
 first imported (``tests/conftest.py``, and here for a file run on its own). With CUDA the same tests check the
 compiled kernels. Sizes are small so that the interpreter stays fast, yet span several of its 16-row tiles with a
-ragged last one.
+ragged last one. The last tests run the kernels inside the KoPE model (``fused_attention=True``) against its plain
+path.
 
 The gradient reference is plain autograd through ordinary differentiable ops in fp64, not the hand-written
 backward of ``pipeline.models.phase``.
@@ -210,6 +211,19 @@ def test_drops_into_kope_attention_between_its_projections(vo_rotation):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_flops_are_counted_as_for_sdpa():
+    """torch's FLOP counter sees the fused op as attention: the forward and backward FLOPs it counts for SDPA."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    shape = (2, 2, 20, 16)
+    q, k, v = (random(*shape, seed=i).float().to(DEVICE).requires_grad_() for i in range(3))
+    phasor = unit_phasor(1, 1, 20, 16, seed=4).float().to(DEVICE)
+    with FlopCounterMode(display=False) as counter:
+        kope_attention(q, k, v, phasor).sum().backward()
+    expected = sdpa_flop_count(shape, shape, shape) + sdpa_backward_flop_count(shape, shape, shape, shape)
+    assert expected == 4 * 2 * 2 * 20 * 20 * 16 * 7 // 2 and counter.get_total_flops() == expected
+
+
 def test_constant_phasor_gets_no_gradient():
     q, k, v = (random(1, 2, 20, 16, seed=i).float().to(DEVICE).requires_grad_() for i in range(3))
     phasor = unit_phasor(1, 1, 20, 16, seed=1).float().to(DEVICE)
@@ -335,3 +349,77 @@ def test_bench_times_every_variant_on_the_same_inputs():
     for timing in result["variants"].values():
         assert timing["fwd_bwd_ms"] > 0 and timing["fwd_ms"] > 0 and timing["layer_img_per_s"] > 0
     assert result["fused_vs_plain_max_abs_diff"] < 1e-5
+
+
+# --- the fused path inside the model -------------------------------------------------------------------------------
+
+
+def tiny_models(vo_rotation: bool, clamped: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A 2-block KoPE ViT (17 tokens, heads of 32) with the plain path and the same model with the fused kernel.
+    ``clamped``: phase mixes so small that the renormalisation clamps for part of the oscillators."""
+    import timm
+
+    import pipeline.models  # noqa: F401  (registers vit_kope_*)
+
+    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5,
+                vo_rotation=vo_rotation, learnable_gamma=True)
+    torch.manual_seed(0)
+    plain = timm.create_model("vit_kope_tiny_patch16_224", fused_attention=False, **args)
+    if clamped:
+        with torch.no_grad():
+            for i, block in enumerate(plain.blocks):
+                rot_dim = block.attn.phase_mix.shape[-1]
+                block.attn.phase_mix.copy_(random(*block.attn.phase_mix.shape, seed=20 + i,
+                                                  scale=(ph.MIX_EPS / rot_dim) ** 0.5))
+        z = plain.initial_phasor((4, 4), torch.device("cpu"))
+        rotation = plain.blocks[0].attn.rotation(z)
+        shortened = (rotation.norm(dim=-2) < 0.99).double().mean()
+        assert 0.2 < shortened < 0.9, shortened
+    fused = timm.create_model("vit_kope_tiny_patch16_224", fused_attention=True, **args)
+    fused.load_state_dict(plain.state_dict())
+    return plain.to(DEVICE), fused.to(DEVICE)
+
+
+@pytest.mark.parametrize(("vo_rotation", "clamped"), [
+    (True, True), (False, True), pytest.param(True, False, marks=pytest.mark.slow),
+    pytest.param(False, False, marks=pytest.mark.slow)])
+def test_the_model_on_the_fused_path_equals_the_plain_path_forward_and_backward(vo_rotation, clamped):
+    plain, fused = tiny_models(vo_rotation, clamped)
+    assert not plain.blocks[0].attn.uses_fused(torch.zeros(1, device=DEVICE))
+    assert fused.blocks[0].attn.uses_fused(torch.zeros(1, device=DEVICE))
+    images = random(2, 3, 32, 32, seed=1).float().to(DEVICE)
+    results = []
+    for model in (plain, fused):
+        x = images.clone().requires_grad_()
+        logits = model(x)
+        logits.square().sum().backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), x.grad, grads))
+    (out_p, dx_p, grads_p), (out_f, dx_f, grads_f) = results
+    torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx_f, dx_p, rtol=1e-4, atol=1e-5)
+    assert grads_f.keys() == grads_p.keys() and any("phase_mix" in name for name in grads_p)
+    for name, grad in grads_p.items():
+        torch.testing.assert_close(grads_f[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_auto_takes_the_fused_kernels_on_cuda_only_and_true_refuses_attention_dropout():
+    attention = KopeAttention(dim=64, num_heads=2)
+    assert attention.fused_attention == "auto"
+    assert not attention.uses_fused(torch.zeros(1)), "auto on a CPU tensor: the plain path"
+    if DEVICE.type == "cuda":
+        assert attention.uses_fused(torch.zeros(1, device=DEVICE))
+        assert not KopeAttention(64, 2, attn_drop=0.1).train().uses_fused(torch.zeros(1, device=DEVICE))
+    with pytest.raises(ValueError, match="no attention dropout"):
+        KopeAttention(64, 2, attn_drop=0.1, fused_attention=True)
+    with pytest.raises(ValueError, match="fused_attention must be"):
+        KopeAttention(64, 2, fused_attention="always")
+
+
+@pytest.mark.slow
+def test_the_model_on_the_fused_path_compiles_into_one_graph():
+    _, fused = tiny_models(vo_rotation=True, clamped=False)
+    images = random(2, 3, 32, 32, seed=2).float().to(DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(images), fused(images), rtol=1e-5, atol=1e-6)

@@ -56,6 +56,19 @@ def test_bench_compares_the_exact_rotation_backward_with_the_output_saving_one(c
     assert abs(ratio - kope["saved_activations_mb"] / saving["saved_activations_mb"]) < 1e-3
 
 
+def test_bench_model_runs_the_fused_and_eager_variants_beside_the_vit(capsys):
+    """The fused variant runs its kernels in Triton's interpreter here (see tests/conftest.py)."""
+    load_tool("bench_model").main(["--device", "cpu", "--size", "tiny", "--batch", "1", "--img-size", "32",
+                                   "--steps", "1", "--warmup", "1", "--models", "vit,kope,kope_fused,kope_eager",
+                                   "--kope-args", '{"depth": 1}'])
+    lines = {line["variant"]: line for line in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    assert list(lines) == ["vit", "kope", "kope_fused", "kope_eager"]
+    assert [lines[v]["fused_attention"] for v in ("kope", "kope_fused", "kope_eager")] == [False, True, False]
+    assert all(line["img_per_s"] > 0 and line["mfu"] is None for line in lines.values())
+    assert all("vs_vit" in lines[v] for v in ("kope", "kope_fused", "kope_eager"))
+    assert lines["kope_fused"]["gflop_per_img"] == lines["kope"]["gflop_per_img"], "the same model FLOPs"
+
+
 def test_bench_names_an_unknown_model(capsys):
     bench = load_tool("bench_model")
     with pytest.raises(SystemExit):

@@ -12,8 +12,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.core.ranks import free_port
+from pipeline.data.loaders_samples import masked_patch_index
 from pipeline.train.losses.dino import Centering, DinoLoss, cross_view_cross_entropy, teacher_temperature
-from pipeline.train.losses.ibot import IbotLoss, masked_patch_cosine_loss, masked_patch_weights
+from pipeline.train.losses.ibot import IbotLoss, masked_patch_cosine_loss
 from pipeline.train.losses.phase_alignment import phase_alignment_loss
 from pipeline.train.losses.simdino import SimDinoLoss, coding_rate
 
@@ -142,24 +143,28 @@ def test_centering_rejects_bad_momentum():
 
 
 MASKS = torch.tensor([[True, False, True, False], [False, True, False, False], [False, False, False, False]])
+INDICES, WEIGHTS = masked_patch_index(MASKS)
 
 
-def test_masked_patch_weights_give_each_masked_image_weight_one():
-    torch.testing.assert_close(masked_patch_weights(MASKS), torch.tensor([0.5, 0.5, 1.0]))
+def test_masked_patch_index_lists_patches_row_major_and_gives_each_masked_image_weight_one():
+    assert INDICES.tolist() == [0, 2, 5] and INDICES.dtype == torch.int64
+    torch.testing.assert_close(WEIGHTS, torch.tensor([0.5, 0.5, 1.0]))
+    tokens = torch.arange(3 * 4 * 2.0).view(3, 4, 2)
+    torch.testing.assert_close(tokens.flatten(0, 1).index_select(0, INDICES), tokens[MASKS])
 
 
 def test_masked_patch_cosine_loss_by_hand():
     student, teacher = unit_rows(3, 6, seed=5), unit_rows(3, 6, seed=6)
     cos = [float(student[k] @ teacher[k]) for k in range(3)]
     expected = -(0.5 * cos[0] + 0.5 * cos[1] + cos[2]) / 3  # three images, the third unmasked
-    assert masked_patch_cosine_loss(student, teacher, MASKS).item() == pytest.approx(expected, rel=1e-5)
+    assert masked_patch_cosine_loss(student, teacher, WEIGHTS, 3).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_ibot_cross_entropy_by_hand_and_its_centre():
     gen = torch.Generator().manual_seed(1)
     student, teacher = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
     loss_fn = IbotLoss(out_dim=5, student_temp=0.1, center_momentum=0.8)
-    loss = loss_fn(student, teacher, MASKS, teacher_temp=0.05)
+    loss = loss_fn(student, teacher, WEIGHTS, 3, teacher_temp=0.05)
     per_patch = F.cross_entropy(student / 0.1, F.softmax(teacher / 0.05, dim=-1), reduction="none")
     torch.testing.assert_close(loss, (0.5 * per_patch[0] + 0.5 * per_patch[1] + per_patch[2]) / 3)
     torch.testing.assert_close(loss_fn.centering.center, 0.2 * teacher.mean(0))
@@ -167,8 +172,8 @@ def test_ibot_cross_entropy_by_hand_and_its_centre():
 
 def test_no_masked_patch_anywhere_gives_zero_and_keeps_the_centre():
     loss_fn = IbotLoss(out_dim=5)
-    none = torch.zeros(2, 4, dtype=torch.bool)
-    loss = loss_fn(torch.empty(0, 5, requires_grad=True), torch.empty(0, 5), none, teacher_temp=0.07)
+    _, weights = masked_patch_index(torch.zeros(2, 4, dtype=torch.bool))
+    loss = loss_fn(torch.empty(0, 5, requires_grad=True), torch.empty(0, 5), weights, 2, teacher_temp=0.07)
     assert loss.item() == 0.0 and torch.equal(loss_fn.centering.center, torch.zeros(5))
 
 

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.core.errors import ConfigError
 from pipeline.data.loaders import LoaderSettings
+from pipeline.data.loaders_samples import masked_patch_index
 from pipeline.data.transforms import DinoAugSettings
 from pipeline.train.engine import BatchPlan, build_engine, init_distributed
 from pipeline.train.optim import OptimSettings
@@ -45,10 +46,13 @@ def engine_for(task: DinoTask, zero_stage: int = 0, lr: float = 1e-3):
 
 
 def fake_batch(seed: int = 0, masked: float = 0.4) -> dict[str, torch.Tensor]:
+    """What the loader's DINO batches hold (the masks also as index lists with weights, as its collate makes)."""
     gen = torch.Generator().manual_seed(seed)
+    masks = torch.rand(2 * BATCH, 16, generator=gen) < masked
+    indices, weights = masked_patch_index(masks)
     return {"global_crops": torch.randn(2 * BATCH, 3, 32, 32, generator=gen),
             "local_crops": torch.randn(2 * BATCH, 3, 16, 16, generator=gen),
-            "masks": torch.rand(2 * BATCH, 16, generator=gen) < masked}
+            "masks": masks, "mask_indices": indices, "mask_weights": weights}
 
 
 def train_steps(task: DinoTask, engine, steps: int) -> list[float]:
@@ -121,9 +125,10 @@ def test_masked_patches_see_only_the_mask_token():
     torch.testing.assert_close(masked[0], masked[1])  # no pixel reaches the encoder
     plain = student.encode(images)["patch_tokens"]
     assert not torch.allclose(plain[0], plain[1])
-    out = student(images, torch.empty(0, 3, 16, 16), everything)
+    indices, _ = masked_patch_index(everything)
+    out = student(images, torch.empty(0, 3, 16, 16), everything, indices)
     assert out["cls"].shape == (2, 16) and out["patch"].shape == (32, 16)  # simdino: normalised bottleneck
-    targets = task.teacher.targets(images, everything)
+    targets = task.teacher.targets(images, indices)
     assert not torch.allclose(targets["patch"][:16], targets["patch"][16:])  # the teacher sees the pixels
 
 

@@ -74,3 +74,27 @@ def test_lamb_is_refused_where_zero_flattens_tensors():
         build_optimizer(groups, OptimSettings(name="lamb"), zero_stage=2, device=torch.device("cpu"))
     lamb = build_optimizer(groups, OptimSettings(name="lamb"), zero_stage=0, device=torch.device("cpu"))
     assert type(lamb).__name__ == "Lamb" and lamb.defaults["max_grad_norm"] is None
+
+
+def test_lamb_has_timms_multi_tensor_path():
+    """timm 1.0.31 (the version setup.cfg requires) added LAMB's multi-tensor implementation; with our default
+    ``foreach=None`` timm takes it for CUDA parameters. It computes what the per-tensor loop computes."""
+    from timm.optim import lamb as timm_lamb
+
+    assert hasattr(timm_lamb, "_multi_tensor_lamb")
+    steps = {}
+    for foreach in (False, True):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(3))]
+        groups = [{"params": params, "names": ["w", "b"], "lr_scale": 1.0, "wd_scale": 1.0}]
+        optimizer = build_optimizer(groups, OptimSettings(name="lamb", lr=0.1), zero_stage=0,
+                                    device=torch.device("cpu"))
+        assert optimizer.param_groups[0]["foreach"] is None
+        optimizer.param_groups[0]["foreach"] = foreach
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.sin(p.detach() * 3)
+            optimizer.step()
+        steps[foreach] = [p.detach().clone() for p in params]
+    for single, multi in zip(steps[False], steps[True]):
+        torch.testing.assert_close(multi, single)

@@ -4,6 +4,7 @@ checkpoint ``latest``. The real stage runs in this process with one rank; a task
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -27,8 +28,10 @@ from tests.train.helpers import (
     run_pipeline_file,
     run_stage_here,
     train_env,
+    use_shared_torch_extensions,
     write_pipeline,
 )
+from tests.train.test_bench_train import load_tool
 
 
 def faulty_task(nan_steps: tuple[int, ...] = (), nan_from: int | None = None,
@@ -88,10 +91,11 @@ def test_stop_signal_saves_a_checkpoint_and_the_rerun_ends_exactly(shards, tmp_p
     handler = signal.getsignal(signum)
     with monkeypatch.context() as patch:
         patch.setitem(tasks.TASKS, "supervised", faulty_task(signal_at=(2, signum)))
-        with pytest.raises(Preempted, match=f"{signum.name} received: saved a checkpoint at step 3") as stop:
+        # received during step 3; the ranks agree on it at the next stop check, the log step 4
+        with pytest.raises(Preempted, match=f"{signum.name} received: saved a checkpoint at step 4") as stop:
             run_stage_here(block, interrupted)
     assert stop.value.exit_code == INTERRUPTED_EXIT_CODE == 75
-    assert read_latest(interrupted / "pretrain" / "checkpoints") == "step_00000003"
+    assert read_latest(interrupted / "pretrain" / "checkpoints") == "step_00000004"
     assert signal.getsignal(signum) == handler, "the stage restores the previous handler"
 
     outputs = run_stage_here(block, interrupted)
@@ -132,3 +136,35 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_latest(shards, tmp
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference = run_pipeline_file(tmp_path / "reference", {"pretrain": block}, executor="inline")
     assert_same_tensors(exported_weights(run_dir), exported_weights(reference))
+
+
+def test_ranks_agree_on_a_stop_only_every_few_steps_and_the_run_stops_at_the_next_agreement(tmp_path, one_rank):
+    """Agreeing on a stop is a collective and a host sync; the loop does it every ``stop_check_every`` steps
+    (and at log and checkpoint steps), and a signal that arrives in between stops the run at the next one."""
+    bench = load_tool("bench_train")
+    use_shared_torch_extensions()
+    args = bench.parse_args(["--model", "vit_kope_tiny_patch16_224", "--batch", "2", "--img", "32", "--classes", "4",
+                             "--pool", "1", "--zero", "0", "--precision", "fp32", "--ema-decay", "0"])
+    device = torch.device("cpu")
+    trainer = bench.make_trainer(args, bench.write_classes(tmp_path / "data", 4), bench.make_batches(args), device,
+                                 False, tmp_path / "run", total_steps=25)
+    trainer.settings = dataclasses.replace(trainer.settings, stop_check_every=10, log_every=50)
+    checked, agreed = [], trainer.stop.agreed
+    trainer.stop.agreed = lambda device: checked.append(trainer.step) or agreed(device)
+    trainer.run()
+    assert checked == [10, 20, 25]
+
+    resumed = bench.make_trainer(args, tmp_path / "data", bench.make_batches(args), device, False, tmp_path / "run2",
+                                 total_steps=25)
+    resumed.settings = dataclasses.replace(resumed.settings, stop_check_every=10, log_every=50)
+    train_step = resumed._train_step
+
+    def signalled_at_step_3(batches):
+        train_step(batches)
+        if resumed.step == 3:
+            resumed.stop.signal_name = "SIGTERM"
+
+    resumed._train_step = signalled_at_step_3
+    with pytest.raises(Preempted, match="SIGTERM received: saved a checkpoint at step 10"):
+        resumed.run()
+    assert read_latest(tmp_path / "run2") == "step_00000010"

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.train.metrics import MeanWindow, Throughput, count_flops, peak_flops, phase_synchrony
+from pipeline.train.metrics import (
+    MeanWindow,
+    Throughput,
+    count_flops,
+    peak_bf16_flops,
+    peak_flops,
+    phase_synchrony,
+)
 
 
 def test_phase_synchrony_is_one_for_equal_phases_and_zero_for_evenly_spread_ones():
@@ -51,3 +58,30 @@ def test_mean_window_leaves_out_nonfinite_losses_and_carries_saved_totals():
     resumed.load_totals(saved, keep=True)
     resumed.add(torch.tensor(5.0), {"loss_cls": 5.0})
     assert resumed.means() == {"loss": 3.5, "loss_cls": 3.0}
+
+
+@pytest.mark.parametrize(("name", "tflops"), [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA L40S", 362.0),
+    ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0),
+    ("NVIDIA GeForce RTX 4090", None), ("Tesla V100-SXM2-16GB", None), ("NVIDIA B200", None),
+])
+def test_peak_table_knows_each_part_and_nothing_else(name, tflops):
+    assert peak_bf16_flops(name) == (tflops * 1e12 if tflops else None)
+
+
+def test_mean_window_keeps_tensor_metrics_on_the_device_until_a_report():
+    window = MeanWindow(torch.device("cpu"))
+    window.add(torch.tensor(1.0), {"loss_cls": torch.tensor(0.5), "teacher_temp": 0.04})
+    window.add(torch.tensor(3.0), {"loss_cls": torch.tensor([1.5]), "teacher_temp": 0.06})
+    assert isinstance(window.metric_sums["loss_cls"], torch.Tensor)
+    assert isinstance(window.metric_sums["teacher_temp"], float)
+    saved = window.totals()
+    assert saved == pytest.approx({"loss_sum": 4.0, "loss_count": 2.0, "micro_batches": 2.0, "loss_cls": 2.0,
+                                   "teacher_temp": 0.1})
+    assert window.means() == pytest.approx({"loss": 2.0, "loss_cls": 1.0, "teacher_temp": 0.05})
+    resumed = MeanWindow(torch.device("cpu"))
+    resumed.load_totals(saved, keep=True)
+    resumed.add(torch.tensor(2.0), {"loss_cls": torch.tensor(4.0), "teacher_temp": 0.2})
+    assert resumed.means() == pytest.approx({"loss": 2.0, "loss_cls": 2.0, "teacher_temp": 0.1})

@@ -5,6 +5,6 @@ says where this one runs. On the CPU it runs only under Triton's interpreter (``
 this package is imported), which is how its tests check it.
 """
 
-from pipeline.models.fused.attention import available, kope_attention
+from pipeline.models.fused.attention import HEAD_DIMS, available, kope_attention
 
-__all__ = ["available", "kope_attention"]
+__all__ = ["HEAD_DIMS", "available", "kope_attention"]

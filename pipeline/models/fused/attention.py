@@ -14,6 +14,7 @@ import math
 
 import torch
 import triton
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 from pipeline.models.fused import kernels
 
@@ -174,3 +175,16 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.kope.fused_attention_forward)
+def _forward_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """The model FLOPs of attention, as torch counts them for SDPA (the rotations are element-wise), so a model's
+    FLOP count and MFU are the same on either attention path."""
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.kope.fused_attention_backward)
+def _backward_flops(q_shape, k_shape, v_shape, phasor_shape, out, lse, grad_out_shape, *args, out_shape=None,
+                    **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, q_shape, k_shape, v_shape)

@@ -31,12 +31,14 @@ class Centering(nn.Module):
 
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:
-        """``c ← m·c + (1 − m)·mean(t)``, the mean over every rank's rows; no rows anywhere: unchanged."""
+        """``c ← m·c + (1 − m)·mean(t)``, the mean over every rank's rows; no rows anywhere: unchanged. Decided on
+        the device (no host read of the row count)."""
         rows = teacher_logits.detach().float().reshape(-1, self.center.numel())
-        stats = all_reduce_sum_(torch.cat([rows.sum(0), rows.new_tensor([rows.shape[0]])]))
+        count = torch.full((1,), float(rows.shape[0]), device=rows.device)
+        stats = all_reduce_sum_(torch.cat([rows.sum(0), count]))
         count = stats[-1]
-        if count > 0:
-            self.center.mul_(self.momentum).add_(stats[:-1] / count, alpha=1.0 - self.momentum)
+        moved = self.momentum * self.center + (1.0 - self.momentum) * (stats[:-1] / count.clamp_min(1.0))
+        self.center.copy_(torch.where(count > 0, moved, self.center))
 
 
 def cross_view_cross_entropy(

@@ -10,7 +10,8 @@ The logit scale (the inverse temperature, stored as its log) is clamped to at mo
 every optimizer step, as open_clip does; here the clamp reaches DeepSpeed's fp32 master copy and ZeRO
 partitions too, so the next step starts from the clamped value.
 
-No state lives outside the engine, so ``state_dict`` is empty.
+No state lives outside the engine, so ``state_dict`` is empty. With ``uint8_images`` the loader sends open_clip's
+crops as uint8 pixels, normalised on the training device with open_clip's mean and std.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pipeline.checkpoint.files import CheckpointError
 from pipeline.data.loaders import ResumableLoader
 from pipeline.data.loaders_samples import clip_samples
 from pipeline.data.settings import LoaderSettings
-from pipeline.data.transforms import ClipAugSettings
+from pipeline.data.transforms import ClipAugSettings, clip_normalizer
 from pipeline.models.clip import register_open_clip_configs
 from pipeline.train.engine import forward_precision
 from pipeline.train.metrics import kope_metrics
@@ -81,6 +82,7 @@ class ClipTask:
         self.seed = seed
         self._loss: nn.Module | None = None
         self._probe: torch.Tensor | None = None
+        self.normalize = clip_normalizer(self.aug_settings()) if settings.uint8_images else None
         self.scalar_names: set[str] = set()
         self.zero_stage = 0
         self.probe_module: ProbeModule | None = None
@@ -116,6 +118,7 @@ class ClipTask:
             scale=tuple(self.settings.crop_scale),
             tokenizer=self.model,
             context_length=config.get("text_cfg", {}).get("context_length", 77),
+            uint8_images=self.settings.uint8_images,
         )
 
     def build_loader(self, rank: int, world_size: int) -> ResumableLoader:
@@ -139,14 +142,18 @@ class ClipTask:
             )
         return self._loss
 
-    def compute_loss(self, engine: Any, batch: Mapping[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, engine: Any, batch: Mapping[str, Any], step: int
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        images = batch["image"].to(engine.device, non_blocking=True)
+        if self.settings.uint8_images:
+            images = self.normalize(images)
         with forward_precision(engine) as dtype:
-            images = batch["image"].to(engine.device, dtype)
-            out = engine(images, batch["text"].to(engine.device))
+            images = images.to(dtype)
+            out = engine(images, batch["text"].to(engine.device, non_blocking=True))
         self._probe = images[:PROBE_IMAGES].detach()
         logit_scale = out["logit_scale"].float()
         loss = self.loss(out["image_features"].float(), out["text_features"].float(), logit_scale)
-        return loss, {"logit_scale": float(logit_scale.detach().reshape(-1)[0])}
+        return loss, {"logit_scale": logit_scale.detach().reshape(-1)[0]}
 
     def after_optimizer_step(self, engine: Any, step: int) -> None:
         clamp_trained_parameter_(engine.module.logit_scale, 0.0, math.log(self.settings.max_logit_scale))

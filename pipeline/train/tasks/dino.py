@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from pipeline.checkpoint.files import CheckpointError
 from pipeline.data.loaders import ResumableLoader
 from pipeline.data.loaders_samples import dino_samples
 from pipeline.data.settings import LoaderSettings
+from pipeline.data.transforms import ImageNormalizer
 from pipeline.models import kope_vit  # noqa: F401  (registers the vit_kope_* models)
 from pipeline.models.heads import DINOHead
 from pipeline.train.engine import forward_precision
@@ -59,6 +59,12 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     torch._foreach_lerp_(targets, sources, 1.0 - momentum)
 
 
+def select_patches(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows ``indices`` of the (B, P, C) patch tokens flattened to (B·P, C): the masked patches, in the loader's
+    order, with no data-dependent shape on the device."""
+    return tokens.flatten(0, 1).index_select(0, indices)
+
+
 def _prefixed(pattern: str, prefix: str) -> str:
     """A timm group pattern (``^a|b``, matched at the start of a name) for names below ``prefix``."""
     return rf"^{prefix}\.(?:{pattern.replace('^', '')})"
@@ -82,47 +88,55 @@ class DinoStudent(nn.Module):
         self.dino_head = dino_head
         self.ibot_head = ibot_head
         self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim)) if mask_token else None
+        self._masks: torch.Tensor | None = None
+        if mask_token:
+            backbone.patch_embed.register_forward_hook(self._mask_patches)
 
     @property
     def patch_head(self) -> nn.Module:
         return self.ibot_head if self.ibot_head is not None else self.dino_head
 
-    def _mask_patches(self, module: nn.Module, inputs: Any, tokens: torch.Tensor, masks: torch.Tensor):
-        mask = masks.reshape(tokens.shape[:-1]).unsqueeze(-1)
+    def _mask_patches(self, module: nn.Module, inputs: Any, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The patch embedding's forward hook (registered once): masked patches become the mask token while
+        :meth:`encode` runs with masks, and nothing changes otherwise."""
+        if self._masks is None:
+            return None
+        mask = self._masks.reshape(tokens.shape[:-1]).unsqueeze(-1)
         return torch.where(mask, self.mask_token.to(tokens.dtype), tokens)
 
     def encode(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The backbone's feature dict; with ``masks`` (B, patches) the masked patches see the mask token."""
-        if masks is None:
-            return self.backbone.forward_feature_dict(images)
-        hook = self.backbone.patch_embed.register_forward_hook(partial(self._mask_patches, masks=masks))
+        self._masks = masks
         try:
             return self.backbone.forward_feature_dict(images)
         finally:
-            hook.remove()
+            self._masks = None
 
-    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor,
-                masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor | None = None,
+                mask_indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Student outputs: ``cls`` head outputs of all crops (global then local, crop-major), ``patch`` head
-        outputs of the masked patches (with ``masks``), ``phases`` of the global crops (KoPE)."""
+        outputs of the masked patches (``masks`` (B, patches) bool, and the same as ``mask_indices``, their flat
+        indices: see :func:`pipeline.data.loaders_samples.masked_patch_index`), ``phases`` of the global crops
+        (KoPE)."""
         features = self.encode(global_crops, masks)
         cls = [features["cls_token"]]
         if local_crops.numel():
             cls.append(self.encode(local_crops)["cls_token"])
         out = {"cls": self.dino_head(torch.cat(cls))}
-        if masks is not None:
-            out["patch"] = self.patch_head(features["patch_tokens"][masks])
+        if mask_indices is not None:
+            out["patch"] = self.patch_head(select_patches(features["patch_tokens"], mask_indices))
         if "patch_phases" in features:
             out["phases"] = features["patch_phases"]
         return out
 
     @torch.no_grad()
-    def targets(self, global_crops: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Teacher outputs on the unmasked global crops: ``cls``, ``patch`` at ``masks``, ``phases``."""
+    def targets(self, global_crops: torch.Tensor, mask_indices: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Teacher outputs on the unmasked global crops: ``cls``, ``patch`` at ``mask_indices``, ``phases``."""
         features = self.encode(global_crops)
         out = {"cls": self.dino_head(features["cls_token"])}
-        if masks is not None:
-            out["patch"] = self.patch_head(features["patch_tokens"][masks])
+        if mask_indices is not None:
+            out["patch"] = self.patch_head(select_patches(features["patch_tokens"], mask_indices))
         if "patch_phases" in features:
             out["phases"] = features["patch_phases"]
         return out
@@ -164,6 +178,9 @@ class DinoTask:
         self.scalar_names: set[str] = set()
         self.momentum = settings.momentum_start
         self._probe: torch.Tensor | None = None
+        self._device: torch.device | None = None
+        aug = settings.aug
+        self.normalize = ImageNormalizer(aug.mean, aug.std) if aug.uint8_images else None
         head_out = settings.prototypes if settings.objective == "dino" else 0
         self.head_out = head_out
         if settings.objective == "dino":
@@ -220,29 +237,46 @@ class DinoTask:
             raise RuntimeError("DinoTask.build_module must run before training or loading state")
         return self.teacher
 
-    def compute_loss(self, engine: Any, batch: Mapping[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def _place(self, device: torch.device) -> None:
+        """The teacher and the losses' centres on the training device, once (the module is built on the CPU)."""
+        if self._device != device:
+            for module in (self._teacher(), self.cls_loss, self.patch_loss):
+                if module is not None:
+                    module.to(device)
+            self._device = device
+
+    def _crops(self, crops: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Crops on the device as normalised fp32 (uint8 crops are normalised there)."""
+        crops = crops.to(device, non_blocking=True)
+        return self.normalize(crops) if self.normalize is not None else crops.float()
+
+    def compute_loss(self, engine: Any, batch: Mapping[str, Any], step: int
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """No host sync: the metrics stay tensors, masked patches are selected by the loader's index lists."""
         s = self.settings
-        teacher = self._teacher()
         device = engine.device
-        for module in (teacher, self.cls_loss, self.patch_loss):
-            if module is not None:
-                module.to(device)
-        global_crops = batch["global_crops"].to(device)
-        masks = batch["masks"].to(device) if self.uses_masks else None
+        self._place(device)
+        teacher = self._teacher()
+        global_crops = self._crops(batch["global_crops"], device)
+        masks = indices = weights = None
+        if self.uses_masks:
+            masks = batch["masks"].to(device, non_blocking=True)
+            indices = batch["mask_indices"].to(device, non_blocking=True)
+            weights = batch["mask_weights"].to(device, non_blocking=True)
         batch_size = global_crops.shape[0] // GLOBAL_CROPS
 
         with forward_precision(engine) as dtype:
             student_globals = global_crops.to(dtype)
-            student = engine(student_globals, batch["local_crops"].to(device, dtype), masks)
+            student = engine(student_globals, self._crops(batch["local_crops"], device).to(dtype), masks, indices)
         self._probe = student_globals[:PROBE_IMAGES].detach()
         # The teacher keeps fp32 weights; it runs in bf16 whenever the student does.
         low_precision = engine.bfloat16_enabled() or engine.torch_autocast_enabled()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low_precision):
-            target = teacher.targets(global_crops.float(), masks)
+            target = teacher.targets(global_crops, indices)
 
         student_views = list(student["cls"].float().split(batch_size))
         teacher_views = list(target["cls"].float().split(batch_size))
-        metrics: dict[str, float] = {}
+        metrics: dict[str, torch.Tensor | float] = {}
         if s.objective == "dino":
             temp = teacher_temperature(step, round(s.teacher_temp_warmup * self.total_steps),
                                        s.warmup_teacher_temp, s.teacher_temp)
@@ -250,20 +284,21 @@ class DinoTask:
             metrics["teacher_temp"] = temp
         else:
             cls_loss, terms = self.cls_loss(student_views, teacher_views)
-            metrics.update({name: float(value) for name, value in terms.items()})
+            metrics.update(terms)
         loss = cls_loss
-        metrics["loss_cls"] = float(cls_loss.detach())
-        if masks is not None:
+        metrics["loss_cls"] = cls_loss.detach()
+        if indices is not None:
+            images = global_crops.shape[0]
             if self.patch_loss is not None:
-                patch_loss = self.patch_loss(student["patch"], target["patch"], masks, temp)
+                patch_loss = self.patch_loss(student["patch"], target["patch"], weights, images, temp)
             else:
-                patch_loss = masked_patch_cosine_loss(student["patch"], target["patch"], masks)
+                patch_loss = masked_patch_cosine_loss(student["patch"], target["patch"], weights, images)
             loss = loss + s.ibot_weight * patch_loss
-            metrics["loss_ibot"] = float(patch_loss.detach())
+            metrics["loss_ibot"] = patch_loss.detach()
         if s.phase_alignment_weight > 0:
             phase_loss = phase_alignment_loss(student["phases"], target["phases"])
             loss = loss + s.phase_alignment_weight * phase_loss
-            metrics["loss_phase"] = float(phase_loss.detach())
+            metrics["loss_phase"] = phase_loss.detach()
         return loss, metrics
 
     def after_optimizer_step(self, engine: Any, step: int) -> None:

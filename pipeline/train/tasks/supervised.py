@@ -3,6 +3,10 @@ label smoothing, and an EMA of the weights that becomes the exported model.
 
 BCE follows DeiT-III: with Mixup/CutMix every class present in a mixed image gets target 1
 (``bce_binarize``). EMA needs the full weights on every rank, so it is refused under ZeRO-3.
+
+With ``aug.uint8_images`` the loader sends uint8 pixels; they are normalised on the training device, and
+Mixup/CutMix mix the normalised images there (mixing commutes with the per-channel affine normalisation, so this
+is what mixing the loader's float images computes).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pipeline.data.loaders import ResumableLoader
 from pipeline.data.loaders_samples import supervised_samples
 from pipeline.data.manifest import Manifest
 from pipeline.data.settings import LoaderSettings
-from pipeline.data.transforms import make_mixup
+from pipeline.data.transforms import ImageNormalizer, make_mixup
 from pipeline.models import kope_vit  # noqa: F401  (registers the vit_kope_* models)
 from pipeline.train.ema import ModelEma
 from pipeline.train.engine import forward_precision
@@ -81,6 +85,7 @@ class SupervisedTask:
         if self.num_classes < 2:
             raise ValueError(f"{self.data_dir}: supervised training needs a classification dataset with classes")
         self.mixup = make_mixup(settings.aug, self.num_classes)
+        self.normalize = ImageNormalizer(settings.aug.mean, settings.aug.std) if settings.aug.uint8_images else None
         self.criterion = _criterion(settings, self.mixup is not None)
         self.ema: ModelEma | None = None
         self.zero_stage = 0
@@ -114,9 +119,15 @@ class SupervisedTask:
         return ResumableLoader(self.data_dir, samples, self.loader_settings, seed=self.seed, rank=rank,
                                world_size=world_size)
 
-    def compute_loss(self, engine: Any, batch: Mapping[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        images = batch["image"].to(engine.device)
-        targets = batch["label"].to(engine.device)
+    def images(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A batch of images on ``device`` as normalised fp32 (uint8 batches are normalised there)."""
+        images = images.to(device, non_blocking=True)
+        return self.normalize(images) if self.normalize is not None else images.float()
+
+    def compute_loss(self, engine: Any, batch: Mapping[str, Any], step: int
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        images = self.images(batch["image"], engine.device)
+        targets = batch["label"].to(engine.device, non_blocking=True)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         with forward_precision(engine) as dtype:
@@ -181,7 +192,7 @@ class SupervisedTask:
                            drop_last=False, repeats=1, resampled=False, samples_per_epoch=0)
         correct1 = correct5 = seen = 0
         for batch in ResumableLoader(self.val_dir, samples, settings, seed=self.seed):
-            logits = model(batch["image"].to(device))
+            logits = model(self.images(batch["image"], device))
             labels = batch["label"].to(device)
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             correct1 += int((top5[:, 0] == labels).sum())

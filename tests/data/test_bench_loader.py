@@ -1,0 +1,27 @@
+"""tools/bench_loader.py at toy size: every figure it prints, the loader's stream with float and uint8 batches
+included (the figures mean nothing here; the test keeps the tool working as the loader changes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_loader_reports_the_stream_for_float_and_uint8_batches(capsys):
+    report = load_tool("bench_loader").main(["--images", "8", "--width", "48", "--height", "40", "--size", "32",
+                                             "--local-crops", "1", "--seconds", "0.05", "--workers", "1",
+                                             "--batch", "4"])
+    assert json.loads(capsys.readouterr().out) == report
+    for key in ("loader_supervised_train", "loader_supervised_train_uint8"):
+        assert report[key]["images_per_s"] > 0 and report[key]["workers"] == 1
+    assert {"supervised_train_uint8", "dino_uint8"} <= set(report["per_worker_images_per_cpu_s"])
