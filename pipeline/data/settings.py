@@ -27,7 +27,8 @@ class LoaderSettings:
     resampled: bool = setting(False, help="draw shards with replacement (open_clip's dataset-resampled)")
     drop_last: bool = setting(True, help="only full global batches, so all ranks take the same steps")
     draft_size: int = setting(0, ge=0, help="JPEG draft decoding keeping both sides >= this (0: off)")
-    index_cache_dir: str = setting("", help="folder for tar indexes keyed by shard sha256 ('': memory)", identity=False)
+    index_cache_dir: str = setting("", help="folder for the tar indexes of shards written without their own "
+                                           "(.idx), keyed by shard sha256 ('': memory)", identity=False)
     prefetch_factor: int = setting(2, ge=1, help="batches each worker prepares ahead", identity=False)
     pin_memory: bool = setting(False, help="page-locked batches for faster copies to the GPU", identity=False)
 
@@ -108,6 +109,8 @@ class ImageNetShardSettings:
     quality: int = setting(90, ge=1, le=100, help="JPEG quality of re-encoded and converted images")
     max_pixels: int = setting(PIL_DEFAULT_MAX_PIXELS, ge=1, help="larger images are skipped (decompression bombs)")
     workers: int = setting(0, ge=0, help="processes writing shards; 0: one per CPU", identity=False)
+    verify_shards: bool = setting(False, help="on a re-run, hash finished shards again (in parallel) instead of "
+                                              "trusting their size and recorded sha256", identity=False)
 
 
 
@@ -156,6 +159,8 @@ class DataCompShardSettings:
     max_pixels: int = setting(PIL_DEFAULT_MAX_PIXELS, ge=1, help="larger images are dropped")
     quality: int = setting(90, ge=1, le=100, help="JPEG quality of images we convert (PNG, CMYK, ...)")
     workers: int = setting(0, ge=0, help="processes writing shards; 0: one per CPU", identity=False)
+    verify_shards: bool = setting(False, help="on a re-run, hash finished shards again (in parallel) instead of "
+                                              "trusting their size and recorded sha256", identity=False)
 
     def check(self) -> None:
         if self.connect_timeout_s > self.timeout_s:
