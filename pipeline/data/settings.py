@@ -150,6 +150,12 @@ class DataCompShardSettings:
     thread_count: int = setting(64, ge=1, help="download threads per process")
     processes: int = setting(1, ge=1, help="img2dataset processes")
     download_shard_size: int = setting(10_000, ge=1, help="samples per img2dataset shard")
+    download_chunk_rows: int = setting(1_000_000, ge=1, help="metadata rows per download chunk: each is one "
+                                                             "img2dataset run into its own folder, and array "
+                                                             "tasks share the chunks out")
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = setting(
+        "multiprocessing", identity=False, help="img2dataset's distributor: its own processes, or the Spark "
+                                                "session / Ray cluster you run (then one job runs the stage)")
     keep_download: bool = setting(False, help="keep img2dataset's shards (a second full copy) after resharding")
     min_caption_chars: int = setting(1, ge=1, help="shorter captions (after stripping) are dropped")
     max_caption_chars: int = setting(0, ge=0, help="longer captions are dropped; 0: no limit")

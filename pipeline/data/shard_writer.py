@@ -8,8 +8,8 @@ when complete, then its index (``NNNNNN.idx``, where each sample's bytes lie: re
 and records its sha256 and the fingerprint of its job. A re-run keeps a shard whose stats match its job and
 whose tar has the recorded size and digest (re-hashed only when asked), and rewrites anything else.
 
-Writers run in a pool of processes that start light: they fork from a server that imported only the data
-modules, never the parent's ``__main__`` (:func:`worker_context`).
+Writers run in a pool of light processes (:mod:`pipeline.data.pool`): they never import the parent's
+``__main__``.
 """
 
 from __future__ import annotations
@@ -17,15 +17,11 @@ from __future__ import annotations
 import io
 import json
 import logging
-import multiprocessing
 import os
 import re
-import sys
 import tarfile
-import types
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +33,7 @@ import pyarrow.parquet as pq
 from pipeline.core.fsutil import atomic_file, atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.core.progress import progress
 from pipeline.data.manifest import INDEX_FILES, ClassInfo, Manifest, ShardInfo, shard_name
+from pipeline.data.pool import run_all
 from pipeline.data.tar_index import HashingWriter, TarIndex, index_path
 
 STATS_SUFFIX = "_stats.json"
@@ -283,74 +280,14 @@ def default_workers(workers: int) -> int:
 def _write_all(directory: Path, plan: DatasetPlan, indices: list[int], workers: int
                ) -> Iterator[tuple[int, ShardStats]]:
     """Write shards in this process (``workers <= 1``) or in a pool of light processes."""
-    yield from _in_pool(write_shard, directory, plan, indices, workers)
+    calls = ((index, (directory, plan.job(index))) for index in indices)
+    yield from run_all(write_shard, calls, workers if len(indices) > 1 else 1)
 
 
 def _check_all(directory: Path, plan: DatasetPlan, indices: list[int], workers: int, verify: bool
                ) -> Iterator[tuple[int, ShardStats | None]]:
-    yield from _in_pool(finished_shard, directory, plan, indices, workers, verify)
-
-
-def _in_pool(function, directory: Path, plan: DatasetPlan, indices: list[int], workers: int, *args
-             ) -> Iterator[tuple[int, Any]]:
-    """``function(directory, plan.job(i), *args)`` for every index, here or in ``workers`` processes, at most
-    two jobs per process in flight (a job holds its input list, not its images)."""
-    if workers <= 1 or len(indices) <= 1:
-        for index in indices:
-            yield index, function(directory, plan.job(index), *args)
-        return
-    pending: dict[Future, int] = {}
-    queue = iter(indices)
-    pool = ProcessPoolExecutor(workers, mp_context=worker_context())
-    try:
-        def submit_next() -> None:
-            index = next(queue, None)
-            if index is not None:
-                pending[pool.submit(function, directory, plan.job(index), *args)] = index
-
-        for _ in range(2 * workers):
-            submit_next()
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                index = pending.pop(future)
-                yield index, future.result()
-                submit_next()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _LightWorker(multiprocessing.context.ForkServerProcess):
-    """A writer process that does not import the parent's ``__main__``.
-
-    multiprocessing imports the parent's main module again in every child it starts (fork aside). When that is
-    a training script or a notebook that imported torch, each writer would pay for it (1.5-3 s and a few
-    hundred MB each) and need none of it: jobs and the functions they run live in importable modules. While
-    the child is started, the main module is replaced by an empty one, which the child then skips."""
-
-    def start(self) -> None:
-        main = sys.modules.get("__main__")
-        sys.modules["__main__"] = types.ModuleType("__main__")
-        try:
-            super().start()
-        finally:
-            if main is not None:
-                sys.modules["__main__"] = main
-
-
-class _LightContext(multiprocessing.context.ForkServerContext):
-    Process = _LightWorker
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """Workers fork from a clean server process that imported this module once: no threads are inherited
-    (unlike plain fork), the package's imports are paid once (unlike spawn), and the parent's main module is
-    never imported (see :class:`_LightWorker`)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = _LightContext()
-    context.set_forkserver_preload([__name__, "pipeline.data.imagenet_source", "pipeline.data.datacomp_source"])
-    return context
+    calls = ((index, (directory, plan.job(index), verify)) for index in indices)
+    yield from run_all(finished_shard, calls, workers if len(indices) > 1 else 1)
 
 
 def _add_sample(tar: tarfile.TarFile, sample: Sample, target_ext: str) -> None:
