@@ -88,6 +88,21 @@ class DemoDataSettings:
 
 
 @dataclass
+class RehearsalDataSettings:
+    """Stage ``make_rehearsal_data``: data shaped like the paper's (see :mod:`pipeline.data.rehearsal_data`)."""
+
+    seed: int = setting(0, ge=0, help="seed of every random choice; same seed, same bytes")
+    classes: int = setting(100, ge=1, le=1000, help="ImageNet classes (real wnids and names) in the tree")
+    train_per_class: int = setting(3, ge=1, help="training images per class")
+    val_per_class: int = setting(1, ge=1, help="validation images per class, in a flat val/ with the ILSVRC "
+                                               "ground-truth file")
+    captioned: int = setting(200, ge=2, help="rows of the DataComp-shaped metadata")
+    width: int = setting(400, ge=16, help="typical image width (varied by up to 15 %)")
+    height: int = setting(350, ge=16, help="typical image height")
+    quality: int = setting(90, ge=1, le=100, help="JPEG quality")
+
+
+@dataclass
 class ImageNetShardSettings:
     """Stage ``shard_imagenet``: an ImageNet-style tree to one WebDataset shard folder per split."""
 
