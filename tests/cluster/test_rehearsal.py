@@ -32,6 +32,7 @@ def test_the_production_pipelines_rehearse_on_two_nodes_with_a_requeue(tmp_path)
         **{name: {"array": 2} for name in ARRAYS}, "pretrain_supervised": {"nodes": 2}}}}))
     run_dir = tmp_path / "rehearsal"
     env = train_env()
+    del env["MASTER_PORT"]  # jobs sharing a node take their rendezvous port from their job id
     started = time.monotonic()
     submitted = kope(env, "run", str(REHEARSAL), "--run-dir", str(run_dir), "--cluster", str(profile))
     assert submitted.returncode == 0, submitted.stderr
