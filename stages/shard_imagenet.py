@@ -7,8 +7,9 @@ is the ``root`` of ``timm.data.create_dataset("wds/<name>", root=..., split=...)
 
 Shard i is a pure function of the settings and the listed files, so a re-run after a crash keeps finished
 shards and writes the rest, byte-identical to an uninterrupted run. On a cluster the stage can run as an
-array job (:func:`run_part`, one slice of the shards per task); then :func:`run` verifies every shard
-(writing any that is missing) and writes the manifests.
+array job (:func:`run_part`, one slice of the shards per task); then :func:`run` checks every shard (by size
+and recorded digest; ``verify_shards`` hashes them again, in parallel), writes any that is missing, and writes
+the manifests.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def run_part(settings: ImageNetShardSettings, ctx: StageContext, part: int, part
     _, split_plans = plans(settings, ctx)
     for split, plan in split_plans.items():
         write_shards(ctx.out_dir / split, plan, range(part, plan.num_shards, parts),
-                     default_workers(settings.workers), ctx.log, desc=f"{ctx.name}/{split} part {part}/{parts}")
+                     default_workers(settings.workers), ctx.log, desc=f"{ctx.name}/{split} part {part}/{parts}",
+                     verify=settings.verify_shards)
 
 
 def run(settings: ImageNetShardSettings, ctx: StageContext) -> dict:
@@ -69,7 +71,8 @@ def run(settings: ImageNetShardSettings, ctx: StageContext) -> dict:
     manifests: dict[str, Manifest] = {}
     for split, plan in split_plans.items():
         directory = ctx.out_dir / split
-        stats = build_shards(directory, plan, default_workers(settings.workers), ctx.log, f"{ctx.name}/{split}")
+        stats = build_shards(directory, plan, default_workers(settings.workers), ctx.log, f"{ctx.name}/{split}",
+                             verify=settings.verify_shards)
         manifest = finish_dataset(directory, plan, stats, name=f"{settings.name}-{split}", kind="classification",
                                   split=split, config=asdict(settings), classes=classes)
         report[split] = dataset_report(manifest, plan, stats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat as stat_module
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,21 +89,37 @@ def fingerprint_path(path: Path, max_depth: int = 2) -> str:
 
     Hashing every byte of ImageNet on each ``kope run`` would take minutes; folder mtimes change when
     entries are added or removed, which is what re-organising a dataset does. Files are compared by size
-    and modification time.
+    and modification time. One ``os.scandir`` pass with one ``stat`` per entry (links followed, as for the
+    top path): on a network file system every extra ``stat`` of 1.3 M entries costs minutes. A dangling link
+    is recorded by the link's own time instead of failing.
     """
     path = Path(path)
-    if not path.exists():
+    try:
+        top = path.stat()
+    except FileNotFoundError:
         return "missing"
-    entries: list[str] = []
-
-    def visit(current: Path, depth: int) -> None:
-        stat = current.stat()
-        entries.append(f"{current.relative_to(path)}|{stat.st_size if current.is_file() else 'd'}|"
-                       f"{stat.st_mtime_ns}")
-        if current.is_dir() and depth < max_depth:
-            for child in sorted(current.iterdir()):
-                visit(child, depth + 1)
-
-    visit(path, 0)
+    entries = [_fingerprint_entry(".", top)]
+    if stat_module.S_ISDIR(top.st_mode) and max_depth > 0:
+        _fingerprint_folder(os.fspath(path), "", 1, max_depth, entries)
     # names that are not valid UTF-8 (surrogate-escaped by os) hash as their bytes instead of failing
     return hashlib.sha256("\n".join(entries).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _fingerprint_entry(relative: str, stat: os.stat_result) -> str:
+    size = stat.st_size if stat_module.S_ISREG(stat.st_mode) else "d"
+    return f"{relative}|{size}|{stat.st_mtime_ns}"
+
+
+def _fingerprint_folder(folder: str, prefix: str, depth: int, max_depth: int, entries: list[str]) -> None:
+    with os.scandir(folder) as listing:
+        children = sorted(listing, key=lambda entry: entry.name)
+    for entry in children:
+        relative = f"{prefix}{entry.name}"
+        try:
+            stat = entry.stat()
+        except FileNotFoundError:  # a link whose target is gone
+            entries.append(f"{relative}|link|{entry.stat(follow_symlinks=False).st_mtime_ns}")
+            continue
+        entries.append(_fingerprint_entry(relative, stat))
+        if stat_module.S_ISDIR(stat.st_mode) and depth < max_depth:
+            _fingerprint_folder(entry.path, f"{relative}/", depth + 1, max_depth, entries)

@@ -49,6 +49,7 @@ class StageKind:
 
 BUILTIN_KINDS: dict[str, StageKind] = {kind.name: kind for kind in (
     StageKind("make_demo_data", "pipeline.data.settings:DemoDataSettings", "stages.make_demo_data"),
+    StageKind("make_rehearsal_data", "pipeline.data.settings:RehearsalDataSettings", "stages.make_rehearsal_data"),
     StageKind("shard_imagenet", "pipeline.data.settings:ImageNetShardSettings", "stages.shard_imagenet", parts=True),
     StageKind("shard_datacomp", "pipeline.data.settings:DataCompShardSettings", "stages.shard_datacomp", parts=True),
     StageKind("pretrain", "pipeline.train.settings:PretrainSettings", "stages.pretrain"),

@@ -1,50 +1,45 @@
-"""DataComp-style captioned data as shard jobs: download a metadata parquet with img2dataset, or reshard
-existing img2dataset / DataComp shards, keeping a uid subset and the samples that pass basic filters.
+"""DataComp-style captioned data resharded: a folder of img2dataset / DataComp shards (``*.tar`` with a
+``.parquet`` beside each, or tars alone) to our shards, keeping a uid subset and the samples that pass basic
+filters. Downloading the metadata with img2dataset is :mod:`pipeline.data.datacomp_download`; both end here.
 
-Both paths end in the same resharding step, whose input is a folder of img2dataset shards (``*.tar`` with a
-``.parquet`` beside each, or tars alone). Planning reads the per-shard parquets (the tars only when a
-parquet is missing): failed downloads, uids outside the subset, repeated uids, repeated keys within a shard
-and samples failing the caption or size filters are dropped and counted there, and the kept samples, sorted
-by input shard and key (img2dataset writes them in download-completion order), are cut into output shards of
-a fixed size. Writing a shard then reads its samples' members (holding one output shard in memory, to write
-them in plan order) and checks the caption bytes and the image itself.
+Planning reads the per-shard parquets (the tars only when a parquet is missing), one input shard per call, in
+parallel: failed downloads, uids outside the subset, repeated keys within a shard and samples failing the
+caption or size filters are dropped and counted there. What a call returns is columnar: the kept rows'
+positions and their uids as two uint64 (DataComp's form; other uids hashed to 128 bits). Repeated uids are
+then dropped across all inputs, and the kept samples, sorted by input shard and key (img2dataset writes them in
+download-completion order), are cut into output shards of a fixed size. The plan is two int32 per kept sample
+(input shard, row), about 8 bytes, saved once per stage (``_plan/``) for every array task and the final job
+to read: a task maps only its own shards' slices.
 
-Before a download, rows without a url or uid, or with a url scheme outside the allowed ones (http and https
-by default: a ``file://`` url would copy a file of the downloading machine into the dataset), are dropped,
-counted and listed; the rest are downloaded with the limits of :mod:`pipeline.data.fetch_limits`.
+Writing a shard reads its input shards' rows again (only those), then its samples' members (holding one output
+shard in memory, to write them in plan order), and checks the caption bytes and the image itself.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
 import math
-import os
 import re
-import signal
-import threading
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urljoin, urlparse
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import KopeError
-from pipeline.core.fsutil import canonical_json, sha256_text
-from pipeline.data.fetch_limits import LIMIT_REASONS, FetchLimits
+from pipeline.core.fsutil import atomic_write_json, canonical_json, sha256_text
+from pipeline.data.fetch_limits import LIMIT_REASONS
 from pipeline.data.images import BadImage, ImageOptions, prepare_image
 from pipeline.data.input_tars import BadShardError, tar_samples
+from pipeline.data.pool import run_all
 from pipeline.data.reasons import (
     ASPECT_RATIO_TOO_LARGE,
     BAD_JSON,
     BAD_UID,
-    BAD_URL,
     CAPTION_NOT_UTF8,
     CAPTION_TOO_LONG,
     CAPTION_TOO_SHORT,
@@ -58,21 +53,18 @@ from pipeline.data.reasons import (
     MISSING_CAPTION,
     MISSING_IMAGE,
     MISSING_UID,
-    MISSING_URL,
     NOT_AN_IMAGE,
     NOT_IN_SUBSET,
     RESIZE_FAILED,
     TIMEOUT,
     TOO_MANY_PIXELS,
-    URL_SCHEME_NOT_ALLOWED,
 )
 from pipeline.data.shard_writer import REPORT_SAMPLE_LIMIT, Sample, Skip, key_width, sample_key
-from pipeline.data.uids import in_subset, uid_column, uid_text
+from pipeline.data.uids import UID_DTYPE, in_subset, load_uid_subset, uid_column, uid_pairs, uid_text
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-JOB_VERSION = 2
-DOWNLOAD_CAPTION = "caption"
-DOWNLOAD_COLUMNS = ("uid", "source_url")
+JOB_VERSION = 3
+PLAN_VERSION = 1
 LIMIT_MESSAGE = re.compile(rf"\b({'|'.join(LIMIT_REASONS)}): ")
 
 
@@ -109,154 +101,23 @@ class DropList:
     """Dropped samples: counts by reason, and the samples themselves (up to the report's limit) except subset
     misses, which are a selection rather than a failure and would crowd out everything else."""
 
+    limit = REPORT_SAMPLE_LIMIT
+
     def __init__(self, counts: Counter | None = None, samples: list[dict[str, str]] | None = None):
         self.counts: Counter = Counter(counts or {})
         self.samples: list[dict[str, str]] = list(samples or [])
 
     def add(self, reason: str, source: str, detail: str = "") -> None:
         self.counts[reason] += 1
-        if reason != NOT_IN_SUBSET and len(self.samples) < REPORT_SAMPLE_LIMIT:
+        if reason != NOT_IN_SUBSET and len(self.samples) < self.limit:
             self.samples.append({"reason": reason, "source": source, "detail": detail})
+
+    def extend(self, other: DropList) -> None:
+        self.counts.update(other.counts)
+        self.samples.extend(other.samples[: max(0, self.limit - len(self.samples))])
 
     def nonzero(self) -> Counter:
         return Counter({reason: n for reason, n in self.counts.items() if n})
-
-
-# --- downloading with img2dataset ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DownloadOptions:
-    """img2dataset's settings that we expose (its names, with units in ours), and our download limits."""
-
-    image_size: int = 512
-    resize_mode: str = "keep_ratio_largest"
-    resize_only_if_bigger: bool = True
-    encode_quality: int = 95
-    min_image_size: int = 0
-    max_aspect_ratio: float = 0.0
-    max_pixels: int = 89_478_485
-    retries: int = 0
-    thread_count: int = 64
-    processes: int = 1
-    samples_per_shard: int = 10_000
-    limits: FetchLimits = FetchLimits()
-
-
-@contextmanager
-def serve_folder(folder: Path) -> Iterator[str]:
-    """Serve ``folder`` over HTTP on 127.0.0.1 (a free port) while the block runs; yields the base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(folder))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args) -> None:
-        pass
-
-
-def metadata_files(source: Path) -> list[Path]:
-    """A metadata parquet, or every ``*.parquet`` in a folder, sorted."""
-    source = Path(source)
-    files = sorted(source.glob("*.parquet")) if source.is_dir() else [source]
-    if not files:
-        raise KopeError(f"{source}: no metadata parquet files")
-    return files
-
-
-def write_download_list(source: Path, out_file: Path, *, url_col: str, caption_col: str, uid_col: str,
-                        extra_columns: list[str], subset: np.ndarray | None, base_url: str | None,
-                        schemes: tuple[str, ...] = ("http", "https")) -> tuple[int, DropList]:
-    """Write img2dataset's input (url, caption, uid, source_url, extras) for the rows worth downloading.
-
-    A row is left out (counted and listed) when its url is missing or its scheme is not in ``schemes``, or
-    its uid is missing or outside ``subset``. With ``base_url``, urls without a scheme are resolved against it
-    (a folder served by ``serve_folder``); ``source_url`` keeps the original, which is what the shards record.
-    Uids are written as text (see :mod:`pipeline.data.uids`); a uid or url column of the wrong type fails
-    here, before anything is downloaded. Returns the row count and the rows left out.
-    """
-    tables = []
-    dropped = DropList()
-    for path in metadata_files(source):
-        columns = [url_col, caption_col, uid_col, *extra_columns]
-        try:
-            table = pq.read_table(path, columns=columns)
-        except (OSError, pa.ArrowException) as exc:
-            raise KopeError(f"{path}: cannot read columns {columns}: {exc}") from None
-        url_type = table.schema.field(url_col).type
-        if not (pa.types.is_string(url_type) or pa.types.is_large_string(url_type) or pa.types.is_null(url_type)):
-            raise KopeError(f"{path}: column {url_col!r}: urls must be strings, got {url_type}")
-        uids = uid_column(table.column(uid_col), path, uid_col)
-        urls = table.column(url_col).to_pylist()
-        served = [_resolve(url, base_url) for url in urls]
-        chosen = in_subset([uid or "" for uid in uids], subset) if subset is not None else None
-        keep = np.zeros(len(uids), bool)
-        for row, (uid, url) in enumerate(zip(uids, served)):
-            where = f"{path.name}:row {row}"
-            scheme = url_scheme(url)
-            if not url:
-                dropped.add(MISSING_URL, where, uid or "")
-            elif scheme is None:
-                dropped.add(BAD_URL, where, url)
-            elif scheme not in schemes:
-                dropped.add(URL_SCHEME_NOT_ALLOWED, where, url)
-            elif uid is None:
-                dropped.add(MISSING_UID, where, url)
-            elif chosen is not None and not chosen[row]:
-                dropped.add(NOT_IN_SUBSET, where, uid)
-            else:
-                keep[row] = True
-        mask = pa.array(keep)
-        tables.append(pa.table({"url": pa.array(served, pa.string()).filter(mask),
-                                DOWNLOAD_CAPTION: table.column(caption_col).filter(mask),
-                                "uid": pa.array(uids, pa.string()).filter(mask),
-                                "source_url": pa.array(urls, pa.string()).filter(mask),
-                                **{name: table.column(name).filter(mask) for name in extra_columns}}))
-    merged = pa.concat_tables(tables)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    pq.write_table(merged, tmp)
-    os.replace(tmp, out_file)
-    return merged.num_rows, dropped
-
-
-def download(url_list: Path, folder: Path, rows: int, options: DownloadOptions, extra_columns: list[str]) -> None:
-    """Run img2dataset into ``folder`` (finished shards from an earlier attempt are kept) and check that
-    every shard finished; failed samples are recorded in its parquets, which planning reads."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check when img2dataset imports it
-    from img2dataset import download as img2dataset_download
-
-    from pipeline.data.img2dataset_fetch import limits_applied
-
-    sigint = signal.getsignal(signal.SIGINT)  # img2dataset installs its own handler and leaves it behind
-    try:
-        with limits_applied(options.limits):
-            img2dataset_download(
-                url_list=str(url_list), input_format="parquet", url_col="url", caption_col=DOWNLOAD_CAPTION,
-                save_additional_columns=[*DOWNLOAD_COLUMNS, *extra_columns], output_folder=str(folder),
-                output_format="webdataset", processes_count=options.processes, thread_count=options.thread_count,
-                image_size=options.image_size, resize_mode=options.resize_mode,
-                resize_only_if_bigger=options.resize_only_if_bigger, encode_quality=options.encode_quality,
-                skip_reencode=True, min_image_size=options.min_image_size,
-                max_aspect_ratio=options.max_aspect_ratio or float("inf"), max_image_area=options.max_pixels,
-                timeout=options.limits.deadline_s, retries=options.retries,
-                number_sample_per_shard=options.samples_per_shard, extract_exif=False, compute_hash=None,
-                incremental_mode="incremental", enable_wandb=False, disallowed_header_directives=[],
-            )
-    finally:
-        signal.signal(signal.SIGINT, sigint)
-    expected = math.ceil(rows / options.samples_per_shard)
-    unfinished = [f"{i:05d}" for i in range(expected) if not (folder / f"{i:05d}_stats.json").is_file()]
-    if unfinished:
-        raise KopeError(f"{folder}: img2dataset did not finish shards {', '.join(unfinished[:5])} "
-                        f"({len(unfinished)} of {expected}); re-run to retry them")
 
 
 def download_problem(status: str | None, error: str | None) -> str:
@@ -283,22 +144,6 @@ def download_problem(status: str | None, error: str | None) -> str:
         return CONNECTION_ERROR
     return RESIZE_FAILED if status == "failed_to_resize" else DOWNLOAD_FAILED
 
-
-def url_scheme(url: str | None) -> str | None:
-    """The scheme of ``url`` in lower case ('' for none); ``None`` when the url cannot be parsed."""
-    try:
-        return urlparse(url or "").scheme
-    except ValueError:  # e.g. an unclosed [ in the host
-        return None
-
-
-def _resolve(url: str | None, base_url: str | None) -> str | None:
-    if not url or base_url is None or url_scheme(url) != "":
-        return url
-    return urljoin(base_url, url)
-
-
-# --- resharding ------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class InputRow:
@@ -335,40 +180,89 @@ def read_input_rows(folder: Path, name: str) -> list[InputRow]:
     return rows
 
 
+def sorted_rows(folder: Path, name: str) -> list[InputRow]:
+    """The rows of an input shard in plan order: by key, a repeated key's later rows after its first."""
+    return sorted(read_input_rows(folder, name), key=lambda row: row.key)
+
+
 @dataclass(frozen=True)
+class InputSelection:
+    """What planning keeps of one input shard: positions in :func:`sorted_rows` and their uids as DataComp's
+    two uint64, plus what it drops."""
+
+    positions: np.ndarray  # int32
+    uids: np.ndarray  # UID_DTYPE
+    dropped: DropList
+
+
+def select_rows(folder: str, name: str, filters: SampleFilters, subset_path: str | None) -> InputSelection:
+    """Plan one input shard (first failing reason counts); runs in a worker process."""
+    rows = sorted_rows(Path(folder), name)
+    subset = load_uid_subset(Path(subset_path), check_sorted=False) if subset_path else None
+    chosen = in_subset([row.uid for row in rows], subset) if subset is not None else None
+    dropped = DropList()
+    kept: list[int] = []
+    for position, row in enumerate(rows):
+        problem = row.problem
+        if problem:
+            pass
+        elif row.status != "success":
+            problem = download_problem(row.status, row.error)
+        elif not row.uid:
+            problem = MISSING_UID
+        elif chosen is not None and not chosen[position]:
+            problem = NOT_IN_SUBSET
+        elif row.caption is not None and (caption_problem := filters.caption_problem(row.caption)):
+            problem = caption_problem
+        else:
+            problem = filters.size_problem(row.width, row.height)
+        if problem:
+            dropped.add(problem, f"{name}/{row.key}", row.error or row.uid)
+        else:
+            kept.append(position)
+    return InputSelection(np.asarray(kept, np.int32), uid_pairs([rows[i].uid for i in kept]), dropped)
+
+
+@dataclass(frozen=True, eq=False)
 class ReshardJob:
-    """One output shard: which input samples (input shard name, key, uid), in order, and how to check them."""
+    """One output shard: which input rows (an input shard of ``inputs`` and a position in its
+    :func:`sorted_rows`), in order, and how to check them."""
 
     index: int
     root: str
-    refs: tuple[tuple[str, str, str], ...]
+    inputs: tuple[str, ...]
+    shard_ids: np.ndarray  # int32, into inputs
+    rows: np.ndarray  # int32
     key_width: int
     image: ImageOptions
     filters: SampleFilters
     source: str
     extra_fields: tuple[str, ...]
-    counted_repeats: tuple[tuple[str, str, int], ...] = ()  # (input shard, key, repeats counted by planning)
     kind: str = "captions"
 
     def fingerprint(self) -> str:
-        return sha256_text(canonical_json([JOB_VERSION, self.index, self.refs, self.key_width, asdict(self.image),
-                                           asdict(self.filters), self.source, self.extra_fields,
-                                           self.counted_repeats]))
+        digest = hashlib.sha256(canonical_json([JOB_VERSION, self.index, self.inputs, self.key_width,
+                                                asdict(self.image), asdict(self.filters), self.source,
+                                                self.extra_fields]).encode())
+        digest.update(np.ascontiguousarray(self.shard_ids, "<i4").tobytes())
+        digest.update(np.ascontiguousarray(self.rows, "<i4").tobytes())
+        return digest.hexdigest()
 
     def items(self) -> Iterator[Sample | Skip]:
-        wanted: dict[str, set[str]] = {}
-        for name, key, _ in self.refs:
-            wanted.setdefault(name, set()).add(key)
+        rows = {name: sorted_rows(Path(self.root), name) for name in self.inputs}
+        refs = [(self.inputs[shard], rows[self.inputs[shard]][row])
+                for shard, row in zip(self.shard_ids.tolist(), self.rows.tolist())]
         members = {}
-        counted = Counter({(name, key): n for name, key, n in self.counted_repeats})
-        for name, keys in wanted.items():
-            members[name], repeated = read_members(Path(self.root) / name, keys)
+        for name in self.inputs:
+            wanted = {row.key for ref_name, row in refs if ref_name == name}
+            counted = Counter(row.key for row in rows[name] if row.problem == DUPLICATE_KEY and row.key in wanted)
+            members[name], repeated = read_members(Path(self.root) / name, wanted)
             for key, n in Counter(repeated).items():  # later tar samples that planning did not see as rows
-                for _ in range(n - counted[name, key]):
+                for _ in range(n - counted[key]):
                     yield Skip(DUPLICATE_KEY, f"{name}/{key}", "a later sample of the tar with this key")
-        for position, (name, key, uid) in enumerate(self.refs):
-            yield self._sample(sample_key(self.index, position, self.key_width), name, key, uid,
-                               members[name].pop(key))
+        for position, (name, row) in enumerate(refs):
+            yield self._sample(sample_key(self.index, position, self.key_width), name, row.key, row.uid,
+                               members[name].pop(row.key))
 
     def _sample(self, out_key: str, name: str, key: str, uid: str, parts: dict[str, bytes]) -> Sample | Skip:
         source = f"{name}/{key}"
@@ -402,13 +296,12 @@ class ReshardJob:
 
 @dataclass
 class ReshardPlan:
-    """Kept input samples in output order, cut into shards of ``samples_per_shard``."""
+    """Kept input samples in output order (two int32 each), cut into shards of ``samples_per_shard``."""
 
     root: str
     inputs: list[str]
-    shard_ids: np.ndarray
-    keys: list[str]
-    uids: list[str]
+    shard_ids: np.ndarray  # int32 per kept sample, into inputs
+    rows: np.ndarray  # int32 per kept sample, into the input's sorted rows
     samples_per_shard: int
     image: ImageOptions
     filters: SampleFilters
@@ -416,65 +309,117 @@ class ReshardPlan:
     extra_fields: tuple[str, ...]
     skipped: Counter = field(default_factory=Counter)
     skipped_samples: list[dict[str, str]] = field(default_factory=list)
-    key_repeats: Counter = field(default_factory=Counter)  # (input shard, key) -> later rows dropped
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.rows)
 
     @property
     def num_shards(self) -> int:
-        return math.ceil(len(self.keys) / self.samples_per_shard)
+        return math.ceil(self.num_samples / self.samples_per_shard)
 
     def job(self, index: int) -> ReshardJob:
         start = index * self.samples_per_shard
-        end = min(start + self.samples_per_shard, len(self.keys))
-        refs = tuple((self.inputs[self.shard_ids[i]], self.keys[i], self.uids[i]) for i in range(start, end))
-        repeats = tuple((name, key, self.key_repeats[name, key]) for name, key, _ in refs
-                        if (name, key) in self.key_repeats)
-        return ReshardJob(index, self.root, refs, key_width(self.samples_per_shard), self.image, self.filters,
-                          self.source, self.extra_fields, repeats)
+        end = min(start + self.samples_per_shard, self.num_samples)
+        ids = np.asarray(self.shard_ids[start:end]).tolist()
+        used = list(dict.fromkeys(ids))  # the input shards it reads, in order of first use
+        local = {shard: i for i, shard in enumerate(used)}
+        return ReshardJob(index, self.root, tuple(self.inputs[i] for i in used),
+                          np.fromiter((local[shard] for shard in ids), np.int32, len(ids)),
+                          np.asarray(self.rows[start:end], np.int32), key_width(self.samples_per_shard),
+                          self.image, self.filters, self.source, self.extra_fields)
+
+    def save(self, folder: Path) -> None:
+        """The plan as files (``.npy`` arrays and JSON), readable by :meth:`load` with the arrays mapped."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("shard_ids", "rows"):
+            with open(folder / f"{name}.npy", "wb") as handle:
+                np.save(handle, np.asarray(getattr(self, name), np.int32))
+        atomic_write_json(folder / "plan.json", {
+            "root": self.root, "inputs": self.inputs, "samples_per_shard": self.samples_per_shard,
+            "image": asdict(self.image), "filters": asdict(self.filters), "source": self.source,
+            "extra_fields": list(self.extra_fields), "skipped": dict(self.skipped),
+            "skipped_samples": self.skipped_samples})
+
+    @classmethod
+    def load(cls, folder: Path) -> ReshardPlan:
+        meta = json.loads((folder / "plan.json").read_text(encoding="utf-8"))
+        return cls(meta["root"], meta["inputs"], np.load(folder / "shard_ids.npy", mmap_mode="r"),
+                   np.load(folder / "rows.npy", mmap_mode="r"), meta["samples_per_shard"],
+                   ImageOptions(**meta["image"]), SampleFilters(**meta["filters"]), meta["source"],
+                   tuple(meta["extra_fields"]), Counter(meta["skipped"]), meta["skipped_samples"])
 
 
 def plan_reshard(folder: Path, *, samples_per_shard: int, filters: SampleFilters, image: ImageOptions,
-                 source: str, extra_fields: tuple[str, ...] = (), subset: np.ndarray | None = None,
-                 dropped_before: DropList | None = None) -> ReshardPlan:
-    """Decide which input samples are kept (first failing reason counts) and in which order; what
+                 source: str, extra_fields: tuple[str, ...] = (), subset: Path | str | None = None,
+                 dropped_before: DropList | None = None, inputs: list[str] | None = None,
+                 workers: int = 1) -> ReshardPlan:
+    """Decide which input samples are kept (first failing reason counts) and in which order, planning the
+    input shards (``inputs``, relative to ``folder``; default its ``*.tar``) in ``workers`` processes; what
     ``dropped_before`` holds (rows left out of a download) is counted and listed with the rest."""
-    inputs = list_input_shards(folder)
-    dropped = DropList(dropped_before.counts, dropped_before.samples) if dropped_before else DropList()
-    shard_ids: list[int] = []
-    keys: list[str] = []
-    uids: list[str] = []
-    repeats: Counter = Counter()
-    for shard_id, name in enumerate(inputs):
-        rows = sorted(read_input_rows(folder, name), key=lambda row: row.key)  # stable: duplicates stay later
-        chosen = in_subset([row.uid for row in rows], subset) if subset is not None else None
-        for position, row in enumerate(rows):
-            problem = row.problem
-            if problem:
-                pass
-            elif row.status != "success":
-                problem = download_problem(row.status, row.error)
-            elif not row.uid:
-                problem = MISSING_UID
-            elif chosen is not None and not chosen[position]:
-                problem = NOT_IN_SUBSET
-            elif row.caption is not None and (caption_problem := filters.caption_problem(row.caption)):
-                problem = caption_problem
-            else:
-                problem = filters.size_problem(row.width, row.height)
-            if problem:
-                dropped.add(problem, f"{name}/{row.key}", row.error or row.uid)
-                if problem == DUPLICATE_KEY:
-                    repeats[name, row.key] += 1
-                continue
-            shard_ids.append(shard_id)
-            keys.append(row.key)
-            uids.append(row.uid)
-    keep = _first_occurrences(uids)
-    for i in np.flatnonzero(~keep):
-        dropped.add(DUPLICATE_UID, f"{inputs[shard_ids[i]]}/{keys[i]}", uids[i])
-    kept = np.flatnonzero(keep)
-    return ReshardPlan(str(folder), inputs, np.asarray(shard_ids, np.int32)[kept], [keys[i] for i in kept],
-                       [uids[i] for i in kept], samples_per_shard, image, filters, source, tuple(extra_fields),
-                       dropped.nonzero(), dropped.samples, repeats)
+    inputs = list_input_shards(folder) if inputs is None else inputs
+    if subset is not None:
+        load_uid_subset(Path(subset))  # checked once here; the workers map it unchecked
+    calls = ((shard, (str(folder), name, filters, str(subset) if subset else None))
+             for shard, name in enumerate(inputs))
+    selections = dict(run_all(select_rows, calls, workers if len(inputs) > 1 else 1))
+    dropped = DropList()
+    if dropped_before:
+        dropped.extend(dropped_before)
+    for shard in range(len(inputs)):
+        dropped.extend(selections[shard].dropped)
+    shard_ids = np.concatenate([np.full(len(selections[i].positions), i, np.int32) for i in range(len(inputs))])
+    rows = np.concatenate([selections[i].positions for i in range(len(inputs))])
+    uids = np.concatenate([selections[i].uids for i in range(len(inputs))]) if inputs else np.empty(0, UID_DTYPE)
+    selections.clear()
+    repeated = _later_occurrences(uids)
+    del uids
+    _list_repeats(dropped, Path(folder), inputs, shard_ids[repeated], rows[repeated])
+    keep = ~repeated
+    return ReshardPlan(str(folder), inputs, shard_ids[keep], rows[keep], samples_per_shard, image, filters,
+                       source, tuple(extra_fields), dropped.nonzero(), dropped.samples)
+
+
+def plan_key(folder: Path, inputs: list[str], settings: dict, files: tuple[Path, ...] = ()) -> str:
+    """What a saved plan depends on: its settings, and the name, size and time of every input shard, its
+    parquet, and the other ``files`` it reads (a uid subset)."""
+    paths = [path for name in inputs for path in (Path(folder) / name, (Path(folder) / name).with_suffix(".parquet"))]
+    listing = []
+    for path in [*paths, *files]:
+        try:
+            stat = path.stat()
+            listing.append([str(path), stat.st_size, stat.st_mtime_ns])
+        except FileNotFoundError:
+            pass
+    return sha256_text(canonical_json([PLAN_VERSION, listing, settings]))[:16]
+
+
+def _later_occurrences(uids: np.ndarray) -> np.ndarray:
+    """Mask of the entries whose uid occurs earlier in the array (a stable sort of the pairs)."""
+    if not len(uids):
+        return np.zeros(0, bool)
+    order = np.lexsort((uids["f1"], uids["f0"]))
+    ordered = uids[order]
+    same = np.zeros(len(uids), bool)
+    same[1:] = (ordered["f0"][1:] == ordered["f0"][:-1]) & (ordered["f1"][1:] == ordered["f1"][:-1])
+    repeated = np.zeros(len(uids), bool)
+    repeated[order[same]] = True
+    return repeated
+
+
+def _list_repeats(dropped: DropList, folder: Path, inputs: list[str], shard_ids: np.ndarray,
+                  rows: np.ndarray) -> None:
+    """Count every repeated uid and list the first ones, reading the rows of the shards they are in."""
+    room = max(0, dropped.limit - len(dropped.samples))
+    listed = {}
+    for shard in dict.fromkeys(shard_ids[:room].tolist()):
+        listed[shard] = sorted_rows(folder, inputs[shard])
+    for position, (shard, row) in enumerate(zip(shard_ids.tolist(), rows.tolist())):
+        if position < room:
+            found = listed[shard][row]
+            dropped.add(DUPLICATE_UID, f"{inputs[shard]}/{found.key}", found.uid)
+        else:
+            dropped.counts[DUPLICATE_UID] += 1
 
 
 def read_members(tar: Path, keys: set[str]) -> tuple[dict[str, dict[str, bytes]], list[str]]:
@@ -494,17 +439,6 @@ def read_members(tar: Path, keys: set[str]) -> tuple[dict[str, dict[str, bytes]]
         raise BadShardError(f"{tar}: {len(missing)} samples listed in its parquet are missing from the tar "
                             f"(first: {sorted(missing)[0]}); is the shard truncated?")
     return found, repeated
-
-
-def _first_occurrences(uids: list[str]) -> np.ndarray:
-    """Mask of the entries whose uid did not occur earlier in the list."""
-    seen: set[str] = set()
-    keep = np.ones(len(uids), bool)
-    for i, uid in enumerate(uids):
-        if uid in seen:
-            keep[i] = False
-        seen.add(uid)
-    return keep
 
 
 def _rows_from_parquet(path: Path) -> list[InputRow]:

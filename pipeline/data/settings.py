@@ -27,7 +27,8 @@ class LoaderSettings:
     resampled: bool = setting(False, help="draw shards with replacement (open_clip's dataset-resampled)")
     drop_last: bool = setting(True, help="only full global batches, so all ranks take the same steps")
     draft_size: int = setting(0, ge=0, help="JPEG draft decoding keeping both sides >= this (0: off)")
-    index_cache_dir: str = setting("", help="folder for tar indexes keyed by shard sha256 ('': memory)", identity=False)
+    index_cache_dir: str = setting("", help="folder for the tar indexes of shards written without their own "
+                                           "(.idx), keyed by shard sha256 ('': memory)", identity=False)
     prefetch_factor: int = setting(2, ge=1, help="batches each worker prepares ahead", identity=False)
     pin_memory: bool = setting(True, help="page-locked batches (where CUDA is), copied to the GPU while it computes",
                                identity=False)
@@ -90,6 +91,21 @@ class DemoDataSettings:
 
 
 @dataclass
+class RehearsalDataSettings:
+    """Stage ``make_rehearsal_data``: data shaped like the paper's (see :mod:`pipeline.data.rehearsal_data`)."""
+
+    seed: int = setting(0, ge=0, help="seed of every random choice; same seed, same bytes")
+    classes: int = setting(100, ge=1, le=1000, help="ImageNet classes (real wnids and names) in the tree")
+    train_per_class: int = setting(3, ge=1, help="training images per class")
+    val_per_class: int = setting(1, ge=1, help="validation images per class, in a flat val/ with the ILSVRC "
+                                               "ground-truth file")
+    captioned: int = setting(200, ge=2, help="rows of the DataComp-shaped metadata")
+    width: int = setting(400, ge=16, help="typical image width (varied by up to 15 %)")
+    height: int = setting(350, ge=16, help="typical image height")
+    quality: int = setting(90, ge=1, le=100, help="JPEG quality")
+
+
+@dataclass
 class ImageNetShardSettings:
     """Stage ``shard_imagenet``: an ImageNet-style tree to one WebDataset shard folder per split."""
 
@@ -111,6 +127,8 @@ class ImageNetShardSettings:
     quality: int = setting(90, ge=1, le=100, help="JPEG quality of re-encoded and converted images")
     max_pixels: int = setting(PIL_DEFAULT_MAX_PIXELS, ge=1, help="larger images are skipped (decompression bombs)")
     workers: int = setting(0, ge=0, help="processes writing shards; 0: one per CPU", identity=False)
+    verify_shards: bool = setting(False, help="on a re-run, hash finished shards again (in parallel) instead of "
+                                              "trusting their size and recorded sha256", identity=False)
 
 
 
@@ -150,6 +168,12 @@ class DataCompShardSettings:
     thread_count: int = setting(64, ge=1, help="download threads per process")
     processes: int = setting(1, ge=1, help="img2dataset processes")
     download_shard_size: int = setting(10_000, ge=1, help="samples per img2dataset shard")
+    download_chunk_rows: int = setting(1_000_000, ge=1, help="metadata rows per download chunk: each is one "
+                                                             "img2dataset run into its own folder, and array "
+                                                             "tasks share the chunks out")
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = setting(
+        "multiprocessing", identity=False, help="img2dataset's distributor: its own processes, or the Spark "
+                                                "session / Ray cluster you run (then one job runs the stage)")
     keep_download: bool = setting(False, help="keep img2dataset's shards (a second full copy) after resharding")
     min_caption_chars: int = setting(1, ge=1, help="shorter captions (after stripping) are dropped")
     max_caption_chars: int = setting(0, ge=0, help="longer captions are dropped; 0: no limit")
@@ -159,6 +183,8 @@ class DataCompShardSettings:
     max_pixels: int = setting(PIL_DEFAULT_MAX_PIXELS, ge=1, help="larger images are dropped")
     quality: int = setting(90, ge=1, le=100, help="JPEG quality of images we convert (PNG, CMYK, ...)")
     workers: int = setting(0, ge=0, help="processes writing shards; 0: one per CPU", identity=False)
+    verify_shards: bool = setting(False, help="on a re-run, hash finished shards again (in parallel) instead of "
+                                              "trusting their size and recorded sha256", identity=False)
 
     def check(self) -> None:
         if self.connect_timeout_s > self.timeout_s:

@@ -3,9 +3,13 @@
 A shard's bytes depend only on its job, so shards can be written by any number of processes or Slurm array
 tasks without coordination: members come in a fixed order (``.jpg``, ``.cls``/``.txt``, ``.json``) with
 mtime 0, uid/gid 0, empty owner names and mode 0444. The tar is written under a temporary name and renamed
-when complete, then the shard's parquet, then ``NNNNNN_stats.json``, which marks the shard finished and records
-its sha256 and the fingerprint of its job. A re-run keeps a shard whose stats match its job and whose tar still
-hashes to the recorded sha256, and rewrites anything else.
+when complete, then its index (``NNNNNN.idx``, where each sample's bytes lie: readers never scan the tar, see
+:mod:`pipeline.data.tar_index`), the shard's parquet, then ``NNNNNN_stats.json``, which marks the shard finished
+and records its sha256 and the fingerprint of its job. A re-run keeps a shard whose stats match its job and
+whose tar has the recorded size and digest (re-hashed only when asked), and rewrites anything else.
+
+Writers run in a pool of light processes (:mod:`pipeline.data.pool`): they never import the parent's
+``__main__``.
 """
 
 from __future__ import annotations
@@ -13,28 +17,28 @@ from __future__ import annotations
 import io
 import json
 import logging
-import multiprocessing
 import os
 import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.fsutil import atomic_file, atomic_write_bytes, atomic_write_json, sha256_file
 from pipeline.core.progress import progress
-from pipeline.core.signals import ignore_stop_signals
 from pipeline.data.manifest import INDEX_FILES, ClassInfo, Manifest, ShardInfo, shard_name
+from pipeline.data.pool import run_all
+from pipeline.data.tar_index import HashingWriter, TarIndex, index_path
 
 STATS_SUFFIX = "_stats.json"
 TARGETS = {"classification": ("cls", "label"), "captions": ("txt", "caption")}
-SHARD_FILE = re.compile(r"^(\d{6})(\.tar|\.parquet|_stats\.json)$")
+SHARD_FILE = re.compile(r"^(\d{6})(\.tar|\.idx|\.parquet|_stats\.json)$")
 REPORT_SAMPLE_LIMIT = 10_000
 
 
@@ -115,7 +119,10 @@ def key_width(max_shard_inputs: int) -> int:
 
 
 def write_shard(directory: Path, job: ShardJob) -> ShardStats:
-    """Write shard ``job.index`` (tar, parquet, stats) into ``directory``, whatever is there already."""
+    """Write shard ``job.index`` (tar, index, parquet, stats) into ``directory``, whatever is there already.
+
+    The tar is hashed as it is written and its index comes from the offsets the writer sees, so nothing is
+    read back."""
     directory = Path(directory)
     name = shard_name(job.index)
     target_ext, target_column = TARGETS[job.kind]
@@ -124,49 +131,75 @@ def write_shard(directory: Path, job: ShardJob) -> ShardStats:
     converted: Counter = Counter()
     renamed: Counter = Counter()
     skipped_samples: list[dict[str, str]] = []
-    with atomic_file(directory / name) as handle, tarfile.open(
-            fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for item in job.items():
-            if isinstance(item, Skip):
-                skipped[item.reason] += 1
-                skipped_samples.append(asdict(item))
-                continue
-            _add_sample(tar, item, target_ext)
-            for column, value in (("key", item.key), ("uid", item.uid), (target_column, item.target),
-                                  ("width", item.width), ("height", item.height)):
-                rows[column].append(value)
-            if item.converted_from:
-                converted[item.converted_from] += 1
-            if item.renamed:
-                renamed[item.renamed] += 1
+    starts: list[int] = []
+    with atomic_file(directory / name) as handle:
+        written = HashingWriter(handle)
+        with tarfile.open(fileobj=written, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for item in job.items():
+                if isinstance(item, Skip):
+                    skipped[item.reason] += 1
+                    skipped_samples.append(asdict(item))
+                    continue
+                starts.append(tar.offset)
+                _add_sample(tar, item, target_ext)
+                for column, value in (("key", item.key), ("uid", item.uid), (target_column, item.target),
+                                      ("width", item.width), ("height", item.height)):
+                    rows[column].append(value)
+                if item.converted_from:
+                    converted[item.converted_from] += 1
+                if item.renamed:
+                    renamed[item.renamed] += 1
+            starts.append(tar.offset)
+    digest = written.hexdigest()
+    keys = [key.encode("utf-8", "surrogateescape") for key in rows["key"]]
+    TarIndex(np.array(keys, dtype=bytes) if keys else np.array([], dtype="S1"),
+             np.array(starts, dtype=np.int64)).save(index_path(directory / name), digest)
     atomic_write_bytes(directory / f"{job.index:06d}.parquet", _parquet_bytes(rows, target_column))
-    tar_path = directory / name
-    stats = ShardStats(name, len(rows["key"]), tar_path.stat().st_size, sha256_file(tar_path), job.fingerprint(),
+    stats = ShardStats(name, len(rows["key"]), written.bytes, digest, job.fingerprint(),
                        dict(sorted(skipped.items())), dict(sorted(converted.items())), skipped_samples,
                        dict(sorted(renamed.items())))
     atomic_write_json(stats_path(directory, job.index), asdict(stats))
     return stats
 
 
-def finished_shard(directory: Path, job: ShardJob) -> ShardStats | None:
-    """The stats of shard ``job.index`` if it is complete, made from this job and intact; else ``None``."""
+def finished_shard(directory: Path, job: ShardJob, verify: bool = False) -> ShardStats | None:
+    """The stats of shard ``job.index`` if it is complete and made from this job; else ``None``.
+
+    A shard is trusted by its size and the sha256 its stats and index record (a few ``stat`` calls), since it
+    was written under a temporary name and renamed whole; ``verify`` hashes the tar again (for a file system
+    or copy one does not trust). A shard written before indexes existed gets its index here, once its bytes
+    are checked against the recorded sha256."""
+    directory = Path(directory)
     try:
         stats = ShardStats(**json.loads(stats_path(directory, job.index).read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
     tar_path = directory / stats.name
     if (stats.fingerprint != job.fingerprint() or not tar_path.is_file()
-            or not (directory / f"{job.index:06d}.parquet").is_file()
-            or tar_path.stat().st_size != stats.bytes or sha256_file(tar_path) != stats.sha256):
+            or not (directory / f"{job.index:06d}.parquet").is_file() or tar_path.stat().st_size != stats.bytes):
         return None
+    try:
+        index = TarIndex.load(index_path(tar_path), stats.sha256)
+    except ValueError:
+        index = None
+    if index is None or verify:
+        if sha256_file(tar_path) != stats.sha256:
+            return None
+    if index is None:
+        scanned = TarIndex.scan(tar_path)
+        if len(scanned) != stats.count:
+            return None
+        scanned.save(index_path(tar_path), stats.sha256)
     return stats
 
 
 def write_shards(directory: Path, plan: DatasetPlan, indices: Iterable[int], workers: int = 1,
-                 log: logging.Logger | None = None, desc: str = "shards") -> dict[int, ShardStats]:
+                 log: logging.Logger | None = None, desc: str = "shards",
+                 verify: bool = False) -> dict[int, ShardStats]:
     """Write the shards ``indices`` of ``plan`` that are not finished yet; return every one's stats.
 
     This is what a Slurm array task calls with its range; ``build_shards`` is the same for all shards.
+    ``verify`` re-hashes the finished ones, in ``workers`` processes (see :func:`finished_shard`).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -174,8 +207,10 @@ def write_shards(directory: Path, plan: DatasetPlan, indices: Iterable[int], wor
     results: dict[int, ShardStats] = {}
     started = [index for index in indices if stats_path(directory, index).exists()]
     if started:
-        for index in progress(started, desc=f"{desc}: verifying finished shards", log=log):
-            if (done := finished_shard(directory, plan.job(index))) is not None:
+        checked = _check_all(directory, plan, started, workers if verify else 1, verify)
+        what = "verifying" if verify else "checking"
+        for index, done in progress(checked, total=len(started), desc=f"{desc}: {what} finished shards", log=log):
+            if done is not None:
                 results[index] = done
     missing = [index for index in indices if index not in results]
     if results and log:
@@ -188,7 +223,7 @@ def write_shards(directory: Path, plan: DatasetPlan, indices: Iterable[int], wor
 
 
 def build_shards(directory: Path, plan: DatasetPlan, workers: int = 1, log: logging.Logger | None = None,
-                 desc: str = "shards") -> list[ShardStats]:
+                 desc: str = "shards", verify: bool = False) -> list[ShardStats]:
     """Make every shard of ``plan`` exist and verify; drop temporaries and shards no longer planned.
 
     The manifest and the files derived from it go first, so a folder being rebuilt never looks finished.
@@ -201,7 +236,7 @@ def build_shards(directory: Path, plan: DatasetPlan, workers: int = 1, log: logg
         match = SHARD_FILE.match(path.name)
         if match and int(match.group(1)) >= plan.num_shards:
             path.unlink()
-    results = write_shards(directory, plan, range(plan.num_shards), workers, log, desc)
+    results = write_shards(directory, plan, range(plan.num_shards), workers, log, desc, verify)
     return [results[index] for index in range(plan.num_shards)]
 
 
@@ -244,40 +279,15 @@ def default_workers(workers: int) -> int:
 
 def _write_all(directory: Path, plan: DatasetPlan, indices: list[int], workers: int
                ) -> Iterator[tuple[int, ShardStats]]:
-    """Write shards in this process (``workers <= 1``) or in a pool of fresh (spawned) processes."""
-    if workers <= 1 or len(indices) <= 1:
-        for index in indices:
-            yield index, write_shard(directory, plan.job(index))
-        return
-    pending: dict[Future, int] = {}
-    queue = iter(indices)
-    pool = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=ignore_stop_signals)
-    try:
-        def submit_next() -> None:
-            index = next(queue, None)
-            if index is not None:
-                pending[pool.submit(write_shard, directory, plan.job(index))] = index
-
-        for _ in range(2 * workers):
-            submit_next()
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                index = pending.pop(future)
-                yield index, future.result()
-                submit_next()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    """Write shards in this process (``workers <= 1``) or in a pool of light processes."""
+    calls = ((index, (directory, plan.job(index))) for index in indices)
+    yield from run_all(write_shard, calls, workers if len(indices) > 1 else 1)
 
 
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """Workers fork from a clean server process that imported this module once: no threads are inherited
-    (unlike plain fork) and the package's imports are paid once, not once per worker (unlike spawn)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
+def _check_all(directory: Path, plan: DatasetPlan, indices: list[int], workers: int, verify: bool
+               ) -> Iterator[tuple[int, ShardStats | None]]:
+    calls = ((index, (directory, plan.job(index), verify)) for index in indices)
+    yield from run_all(finished_shard, calls, workers if len(indices) > 1 else 1)
 
 
 def _add_sample(tar: tarfile.TarFile, sample: Sample, target_ext: str) -> None:

@@ -60,8 +60,33 @@ def uid_pair(uid: str) -> tuple[int, int]:
     return value >> 64, value & 0xFFFF_FFFF_FFFF_FFFF
 
 
-def load_uid_subset(path: Path) -> np.ndarray:
-    """DataComp's sorted ``u8,u8`` uid array from ``.npy`` or a raw memory-mapped file."""
+def uid_pairs(uids: list[str]) -> np.ndarray:
+    """Many uids as DataComp's ``u8,u8`` pairs: 32-hex-digit uids converted in one vectorised pass, any
+    others hashed (128 bits, see :func:`uid_pair`)."""
+    pairs = np.zeros(len(uids), UID_DTYPE)
+    if not uids:
+        return pairs
+    text = np.array(uids, dtype=object)
+    hexadecimal = np.fromiter((len(uid) == 32 and UID_HEX.match(uid) is not None for uid in uids), bool, len(uids))
+    if hexadecimal.any():
+        digits = np.frombuffer("".join(text[hexadecimal]).encode("ascii"), np.uint8).reshape(-1, 32)
+        nibbles = _HEX_VALUES[digits].astype(np.uint64)
+        shifts = np.arange(60, -4, -4, dtype=np.uint64)
+        pairs["f0"][hexadecimal] = (nibbles[:, :16] << shifts).sum(axis=1, dtype=np.uint64)
+        pairs["f1"][hexadecimal] = (nibbles[:, 16:] << shifts).sum(axis=1, dtype=np.uint64)
+    for i in np.flatnonzero(~hexadecimal):
+        pairs[i] = uid_pair(uids[i])
+    return pairs
+
+
+_HEX_VALUES = np.zeros(256, np.uint8)
+for _value, _digit in enumerate("0123456789abcdef"):
+    _HEX_VALUES[ord(_digit)] = _HEX_VALUES[ord(_digit.upper())] = _value
+
+
+def load_uid_subset(path: Path, check_sorted: bool = True) -> np.ndarray:
+    """DataComp's sorted ``u8,u8`` uid array from ``.npy`` or a raw memory-mapped file (``check_sorted``:
+    refuse an unsorted one, which reads the whole file once)."""
     path = Path(path)
     try:
         array = np.load(path, mmap_mode="r") if path.suffix == ".npy" else np.memmap(path, UID_DTYPE, mode="r")
@@ -73,7 +98,7 @@ def load_uid_subset(path: Path) -> np.ndarray:
                             f"{array.shape}")
         array = np.ascontiguousarray(array).view(UID_DTYPE).reshape(-1)
     high, low = (array[name] for name in UID_DTYPE.names)
-    if not np.all((high[1:] > high[:-1]) | ((high[1:] == high[:-1]) & (low[1:] >= low[:-1]))):
+    if check_sorted and not np.all((high[1:] > high[:-1]) | ((high[1:] == high[:-1]) & (low[1:] >= low[:-1]))):
         raise KopeError(f"{path}: uid subset is not sorted (sort it as DataComp's resharder requires)")
     return array
 
@@ -82,6 +107,6 @@ def in_subset(uids: list[str], subset: np.ndarray) -> np.ndarray:
     """Boolean mask: which ``uids`` are in the sorted ``subset``."""
     if not uids or not len(subset):
         return np.zeros(len(uids), bool)
-    pairs = np.array([uid_pair(uid) for uid in uids], dtype=UID_DTYPE)
+    pairs = uid_pairs(uids)
     where = np.minimum(np.searchsorted(subset, pairs), len(subset) - 1)
     return subset[where] == pairs

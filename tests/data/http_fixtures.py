@@ -1,6 +1,6 @@
-"""Hostile HTTP servers on 127.0.0.1, for the download limits: a tarpit that trickles its body or its headers,
-an endless body, a lying Content-Length, a server that never answers, one that never accepts, and a
-redirect to a local file."""
+"""HTTP servers on 127.0.0.1: hostile ones for the download limits (a tarpit that trickles its body or its
+headers, an endless body, a lying Content-Length, a server that never answers, one that never accepts, a
+redirect to a local file), and a plain one that counts what it is asked for."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import functools
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 TRICKLE_PAUSE_S = 0.2
 ENDLESS_CAP = 256 * 1024 * 1024  # a safety cap so a client without a size limit fails instead of hanging
@@ -142,3 +144,36 @@ def elapsed(call, *args, **kwargs) -> tuple[float, object]:
     except Exception as exc:  # the tests look at which one
         result = exc
     return time.monotonic() - started, result
+
+
+class _CountingHandler(SimpleHTTPRequestHandler):
+    """Serves a folder; counts the GET requests of each path, waiting ``delay_s`` before each answer."""
+
+    def __init__(self, *args, counts: Counter, lock: threading.Lock, delay_s: float, **kwargs):
+        self.counts, self.lock, self.delay_s = counts, lock, delay_s
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self) -> None:  # noqa: N802 (the base class's name)
+        with self.lock:
+            self.counts[self.path] += 1
+        time.sleep(self.delay_s)
+        super().do_GET()
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+
+@contextmanager
+def counting_server(folder: Path, delay_s: float = 0.0) -> Iterator[tuple[str, Counter]]:
+    """Serve ``folder`` on 127.0.0.1; yields the base url (no trailing slash) and the live request counts."""
+    counts: Counter = Counter()
+    handler = functools.partial(_CountingHandler, directory=str(folder), counts=counts, lock=threading.Lock(),
+                                delay_s=delay_s)
+    server = _Server(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", counts
+    finally:
+        server.shutdown()
+        server.server_close()

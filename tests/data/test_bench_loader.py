@@ -22,6 +22,8 @@ def test_bench_loader_reports_the_stream_for_float_and_uint8_batches(capsys):
                                              "--local-crops", "1", "--seconds", "0.05", "--workers", "1",
                                              "--batch", "4"])
     assert json.loads(capsys.readouterr().out) == report
-    for key in ("loader_supervised_train", "loader_supervised_train_uint8"):
-        assert report[key]["images_per_s"] > 0 and report[key]["workers"] == 1
+    loader = report["loader"]
+    assert loader["workers"] == 1 and loader["supervised_train_images_per_s"] > 0
+    assert loader["supervised_train_uint8_images_per_s"] > 0 and loader["plain_recipe_images_per_s"] > 0
+    assert loader["read_syscalls_per_sample"]["indexed"] < loader["read_syscalls_per_sample"]["header_scan"]
     assert {"supervised_train_uint8", "dino_uint8"} <= set(report["per_worker_images_per_cpu_s"])

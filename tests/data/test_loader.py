@@ -15,8 +15,9 @@ from PIL import Image
 
 from pipeline.data.loaders import LoaderSettings, ResumableLoader
 from pipeline.data.loaders_samples import supervised_samples
-from pipeline.data.loaders_tar import ShardReader, TarIndex
+from pipeline.data.loaders_tar import ShardReader
 from pipeline.data.manifest import Manifest, ShardInfo
+from pipeline.data.tar_index import TarIndex, index_path
 from pipeline.data.transforms import SupervisedAugSettings
 from tests.data.loader_fixtures import write_dataset
 
@@ -132,18 +133,20 @@ def test_pax_headers_fall_back_to_the_full_parser(tmp_path):
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     index = TarIndex.scan(path)
-    assert index.keys.tolist() == ["é1", "x" * 120]
+    assert [index.key(i) for i in range(len(index))] == ["é1", "x" * 120]
     reader = ShardReader(path, 2)
     assert reader.read(1, ("txt",)) == {"txt": b"two!"}
+    assert reader.read(0, ("txt",)) == {"txt": b"one"}
 
 
 def test_index_cache_is_keyed_by_the_shard_digest(dataset, tmp_path):
+    """Shards written without an index (as these are) are scanned once, into the cache."""
     info = Manifest.load(dataset).shards[0]
-    built = TarIndex.cached(dataset / info.name, info.sha256, tmp_path)
-    assert (tmp_path / f"{info.sha256}.npz").exists()
-    cached = TarIndex.cached(tmp_path / "absent.tar", info.sha256, tmp_path)
-    assert cached.keys.tolist() == built.keys.tolist() and cached.extensions == built.extensions
-    assert np.array_equal(cached.offsets, built.offsets) and np.array_equal(cached.sizes, built.sizes)
+    assert not index_path(dataset / info.name).exists()
+    built = TarIndex.for_shard(dataset / info.name, info.sha256, tmp_path)
+    assert (tmp_path / f"{info.sha256}.idx").exists()
+    cached = TarIndex.for_shard(tmp_path / "absent.tar", info.sha256, tmp_path)
+    assert cached.keys.tolist() == built.keys.tolist() and np.array_equal(cached.starts, built.starts)
     keys = [b["key"] for b in loader(dataset, index_cache_dir=str(tmp_path))]
     assert keys == [b["key"] for b in loader(dataset)]
 

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.errors import KopeError
-from pipeline.data.datacomp_source import BadShardError, SampleFilters, plan_reshard, write_download_list
+from pipeline.data.datacomp_download import write_download_list
+from pipeline.data.datacomp_source import BadShardError, SampleFilters, plan_reshard
 from pipeline.data.images import ImageOptions
 from pipeline.data.manifest import Manifest
 from pipeline.data.reasons import is_documented
@@ -178,17 +179,22 @@ def test_unsorted_subset_is_refused(tmp_path):
         run_stage(tmp_path, source, uid_subset=str(tmp_path / "subset.npy"))
 
 
-def test_array_tasks_write_their_range_and_run_finishes(tmp_path):
+def test_array_tasks_write_their_range_and_run_finishes(tmp_path, caplog):
     source = tmp_path / "input"
     make_input(source)
     _, reference = run_stage(tmp_path / "reference", source)
     ctx = stage_context(tmp_path / "array", "shard_datacomp")
     settings = DataCompShardSettings(source=str(source), mode="reshard", samples_per_shard=4, workers=1, **FILTERS)
+    caplog.set_level("INFO", logger="shard_datacomp")
     shard_datacomp.run_part(settings, ctx, 2, 3)
     assert [p.name for p in (ctx.out_dir / "train").glob("*.tar")] == ["000002.tar"]
+    shard_datacomp.run_part(settings, ctx, 0, 3)
     shard_datacomp.run(settings, ctx)
     assert {p.name: p.read_bytes() for p in (ctx.out_dir / "train").iterdir()} == {
         p.name: p.read_bytes() for p in (reference / "train").iterdir()}
+    planned = [record for record in caplog.records if record.getMessage().startswith("planning the reshard")]
+    assert len(planned) == 1, "the first task plans; the other task and the final job read its plan"
+    assert not (ctx.out_dir / "_plan").exists()
 
 
 # --- hostile inputs: uid types, repeated keys, cut tars ----------------------------------------------------

@@ -105,8 +105,16 @@ def test_rerun_keeps_finished_shards_and_rewrites_damaged_ones(tmp_path):
     (train / "000001.tar").write_bytes(bytes(damaged))
     (train / "000002_stats.json").unlink()
     (train / ".000003.tar.abc.tmp").write_bytes(b"half a shard")
+    (train / "000003.tar").write_bytes(original["000003.tar"][:-1024])
     run_stage(tmp_path, source, splits=["train"])
-    assert {p.name: p.read_bytes() for p in train.iterdir()} == original
+    assert (train / "000001.tar").read_bytes() == bytes(damaged), "same size and recorded digest: trusted"
+    assert {p.name: p.read_bytes() for p in train.iterdir()} == {**original, "000001.tar": bytes(damaged)}
+    assert (train / "000000.tar").stat().st_mtime_ns == untouched
+
+    run_stage(tmp_path, source, splits=["train"], verify_shards=True)
+    verified = {p.name: p.read_bytes() for p in train.iterdir()}
+    assert verified.pop("manifest.json") != original["manifest.json"], "its config records verify_shards"
+    assert verified == {name: data for name, data in original.items() if name != "manifest.json"}
     assert (train / "000000.tar").stat().st_mtime_ns == untouched
 
     run_stage(tmp_path, source, splits=["train"], samples_per_shard=20)
