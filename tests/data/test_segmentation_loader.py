@@ -13,8 +13,7 @@ from PIL import Image
 from pipeline.data.loaders import ResumableLoader
 from pipeline.data.segmentation_samples import SegmentationSamples
 from pipeline.data.segmentation_transforms import IGNORE_INDEX, fit_size, random_crop, train_pair
-from pipeline.data.settings import LoaderSettings, SegmentationAugSettings
-from pipeline.data.settings import SegmentationShardSettings
+from pipeline.data.settings import LoaderSettings, SegmentationAugSettings, SegmentationShardSettings
 from stages import shard_segmentation
 from tests.data.shard_fixtures import encode, stage_context
 

@@ -20,7 +20,8 @@ ADE20K = REPO / "configs" / "pipelines" / "ade20k-segmentation.yaml"
 def paths(tmp_path: Path) -> list[str]:
     for folder in ("ADEChallengeData2016", "export"):
         (tmp_path / folder).mkdir(exist_ok=True)
-    return [f"shard_ade20k.source={tmp_path / 'ADEChallengeData2016'}", f"finetune_segmentation.init={tmp_path / 'export'}"]
+    return [f"shard_ade20k.source={tmp_path / 'ADEChallengeData2016'}",
+            f"finetune_segmentation.init={tmp_path / 'export'}"]
 
 
 def test_ade20k_pipeline_validates_with_the_paths_given_and_follows_the_protocol(tmp_path):
