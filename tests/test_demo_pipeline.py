@@ -17,7 +17,7 @@ from pipeline.core.run_dir import RunDir
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "pipelines" / "demo.yaml"
 CHANCE = 1 / 12  # ordered pairs of the digits 0-3
-TRAINING = ("pretrain_supervised", "pretrain_dino", "pretrain_clip", "finetune")
+TRAINING = ("pretrain_supervised", "pretrain_dino", "pretrain_clip", "finetune", "finetune_segmentation")
 
 
 @pytest.mark.slow
@@ -45,6 +45,14 @@ def test_demo_pipeline_learns_records_every_evaluation_and_runs_once(tmp_path):
     assert outputs["evaluate_dino"]["knn_top1"] > 1.5 * CHANCE
     assert outputs["evaluate_dino"]["linear_top1"] > 2 * CHANCE
     assert outputs["evaluate_clip"]["zeroshot_top1"] > 3 * CHANCE
+
+    segmentation = next(record["metrics"] for record in ResultsLog(RunDir(run_dir).results_file).records()
+                        if record["protocol"] == "segmentation")
+    background = segmentation["class0_everywhere"]["miou"]  # the trivial predictor: all background
+    assert 0.1 < background < 0.25
+    assert outputs["evaluate_segmentation"]["miou"] > 2.5 * background
+    assert min(segmentation["slide"]["per_class_iou"][digit] for digit in ("zero", "one", "two", "three")) > 0.2
+    assert (run_dir / "evaluate_segmentation" / "segmentation" / "000.png").is_file()
 
     recorded = {(record["stage"], record["protocol"]) for record in ResultsLog(RunDir(run_dir).results_file).records()}
     assert recorded == {(name, protocol) for name, block in stages.items() if block["kind"] == "evaluate"

@@ -52,8 +52,12 @@ BUILTIN_KINDS: dict[str, StageKind] = {kind.name: kind for kind in (
     StageKind("make_rehearsal_data", "pipeline.data.settings:RehearsalDataSettings", "stages.make_rehearsal_data"),
     StageKind("shard_imagenet", "pipeline.data.settings:ImageNetShardSettings", "stages.shard_imagenet", parts=True),
     StageKind("shard_datacomp", "pipeline.data.settings:DataCompShardSettings", "stages.shard_datacomp", parts=True),
+    StageKind("shard_segmentation", "pipeline.data.settings:SegmentationShardSettings", "stages.shard_segmentation",
+              parts=True),
     StageKind("pretrain", "pipeline.train.settings:PretrainSettings", "stages.pretrain"),
     StageKind("finetune", "pipeline.train.settings:FinetuneSettings", "stages.finetune"),
+    StageKind("finetune_segmentation", "pipeline.train.settings:FinetuneSegmentationSettings",
+              "stages.finetune_segmentation"),
     StageKind("export", "pipeline.export.settings:ExportSettings", "stages.export"),
     StageKind("evaluate", "pipeline.evaluation.settings:EvaluateSettings", "stages.evaluate"),
 )}

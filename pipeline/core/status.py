@@ -15,7 +15,7 @@ from pipeline.core.run_dir import RunDir
 from pipeline.core.run_state import StageState
 
 MAX_OUTPUTS_WIDTH = 60
-HEADLINE_METRICS = ("top1", "val_top1", "knn_top1", "linear_top1", "zeroshot_top1", "synchrony")
+HEADLINE_METRICS = ("top1", "val_top1", "knn_top1", "linear_top1", "zeroshot_top1", "miou", "synchrony")
 
 
 def _short(value: object) -> str:

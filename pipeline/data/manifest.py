@@ -33,7 +33,9 @@ TIMM_SPLIT_NAMES = {"val": "validation"}  # our split folder -> the name timm's 
 KIND_FIELDS = {
     "classification": {"image": "jpg", "label": "cls"},
     "captions": {"image": "jpg", "caption": "txt"},
+    "segmentation": {"image": "jpg", "mask": "seg.png"},
 }
+LABELLED_KINDS = ("classification", "segmentation")  # kinds whose manifest lists classes
 SHARD_NAME = re.compile(r"^\d{6}\.tar$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -94,7 +96,7 @@ class Manifest:
             "skipped": dict(sorted(self.skipped.items())), "converted": dict(sorted(self.converted.items())),
             "renamed": dict(sorted(self.renamed.items())), "config": self.config, "created_by": self.created_by,
         }
-        if self.kind == "classification":
+        if self.kind in LABELLED_KINDS:
             data["classes"] = [asdict(info) for info in self.classes]
         return data
 
@@ -116,7 +118,7 @@ class Manifest:
     def save(self, directory: Path | str) -> Path:
         """Write the derived files, then ``manifest.json`` last, each atomically."""
         directory = Path(directory)
-        if self.kind == "classification":
+        if self.kind in LABELLED_KINDS:
             lines = "".join(f"{info.index}\t{info.wnid}\t{info.name}\n" for info in self.classes)
             atomic_write_text(directory / CLASSES_FILE, lines)
         atomic_write_json(directory / SIZES_FILE, self.sizes())
@@ -154,7 +156,7 @@ class Manifest:
         check.that(data.get("num_samples") == total, "num_samples",
                    f"{data.get('num_samples')!r} differs from the shards' total {total}")
         classes = []
-        if kind == "classification":
+        if kind in LABELLED_KINDS:
             classes = [check.class_info(item, f"classes.{i}") for i, item in enumerate(check.list(data, "classes"))]
             check.that([info.index for info in classes] == list(range(len(classes))), "classes",
                        "class indices must be 0..n-1 in order")

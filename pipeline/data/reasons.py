@@ -53,6 +53,13 @@ CONNECTION_ERROR = "connection_error"
 DISALLOWED_BY_ROBOTS = "disallowed_by_robots"
 RESIZE_FAILED = "resize_failed"
 DOWNLOAD_FAILED = "download_failed"
+# image/mask pairs of a segmentation dataset (pipeline.data.segmentation_source)
+MISSING_MASK = "missing_mask"
+ORPHAN_MASK = "orphan_mask"
+CORRUPT_MASK = "corrupt_mask"
+UNSUPPORTED_MASK = "unsupported_mask"
+MASK_SIZE_MISMATCH = "mask_size_mismatch"
+LABEL_OUT_OF_RANGE = "label_out_of_range"
 # kept under another name
 NAME_NOT_UTF8 = "name_not_utf8"
 
@@ -99,6 +106,13 @@ SKIPPED = {
     DISALLOWED_BY_ROBOTS: "an X-Robots-Tag header forbids use of the image",
     RESIZE_FAILED: "img2dataset could not resize the image",
     DOWNLOAD_FAILED: "any other download failure img2dataset reported",
+    MISSING_MASK: "a segmentation image with no annotation of the same name",
+    ORPHAN_MASK: "a segmentation annotation with no image of the same name",
+    CORRUPT_MASK: "the annotation is empty, not a PNG, or cannot be decoded",
+    UNSUPPORTED_MASK: "the annotation is not a single-channel PNG of class indices (e.g. an RGB colour mask)",
+    MASK_SIZE_MISMATCH: "the annotation's width and height differ from its image's",
+    LABEL_OUT_OF_RANGE: "the annotation holds a value that is neither a class (1..`num_classes` with "
+                        "`reduce_zero_label`, else 0..`num_classes` - 1) nor the ignore value 255",
 }
 RENAMED = {
     NAME_NOT_UTF8: "the file name is not valid UTF-8: kept, with the undecodable bytes written as \\xNN in the "

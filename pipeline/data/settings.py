@@ -80,6 +80,29 @@ class DinoAugSettings:
 
 
 @dataclass
+class SegmentationAugSettings:
+    """Joint image/mask augmentation; defaults are mmsegmentation's ADE20K 512x512 pipeline (see
+    :mod:`pipeline.data.segmentation_transforms`)."""
+
+    crop_size: int = setting(512, ge=8, help="training crop, and the window of sliding-window inference (pixels)")
+    scale: tuple[int, int] = setting((2048, 512), help="(long, short) side bounds of the resize before the crop, "
+                                                     "and of the test resize")
+    ratio_range: tuple[float, float] = setting((0.5, 2.0), help="random factor on scale for training")
+    cat_max_ratio: float = setting(0.75, gt=0, le=1, help="re-draw a crop (up to 10 times) whose most frequent class "
+                                                         "covers more than this share of its labelled pixels")
+    hflip: float = setting(0.5, ge=0, le=1, help="horizontal flip probability")
+    photometric: bool = setting(True, help="mmseg's PhotoMetricDistortion: brightness, contrast, saturation, hue")
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def check(self) -> None:
+        if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+            raise SettingError("ratio_range", f"{list(self.ratio_range)}: expected 0 < low <= high")
+        if min(self.scale) < 1:
+            raise SettingError("scale", f"{list(self.scale)}: expected two positive sides")
+
+
+@dataclass
 class DemoDataSettings:
     """Stage ``make_demo_data``: the two-digit demo datasets."""
 
@@ -88,6 +111,8 @@ class DemoDataSettings:
     train_per_class: int = setting(20, ge=1, help="training images per class")
     val_per_class: int = setting(5, ge=1, help="validation images per class")
     captioned: int = setting(1000, ge=1, help="images in the DataComp-style captioned set")
+    segmentation: bool = setting(True, help="also the training and validation images in ADE20K's layout with "
+                                            "masks (background 0, digit d labelled d + 1)")
 
 
 @dataclass
@@ -130,6 +155,32 @@ class ImageNetShardSettings:
     verify_shards: bool = setting(False, help="on a re-run, hash finished shards again (in parallel) instead of "
                                               "trusting their size and recorded sha256", identity=False)
 
+
+@dataclass
+class SegmentationShardSettings:
+    """Stage ``shard_segmentation``: an ADE20K-style tree (``images/<split>/*``, ``annotations/<split>/*.png``) to
+    one WebDataset shard folder per split of ``<key>.jpg`` + ``<key>.seg.png`` + ``<key>.json``."""
+
+    source: InputPath = setting(help="root with images/<split>/ and annotations/<split>/ (ADEChallengeData2016)")
+    splits: dict[str, str] = setting(default_factory=lambda: {"training": "train", "validation": "val"},
+                                     help="input split folder -> output dataset folder")
+    num_classes: int = setting(150, ge=1, le=255, help="classes after reduce_zero_label (ADE20K: 150)")
+    reduce_zero_label: bool = setting(True, help="annotation 0 is 'other' (ignored, stored as 255) and class c is "
+                                                 "stored as c - 1, as mmseg's ADE20K; false: stored as given")
+    class_names: InputPath | None = setting(
+        None, help="objectInfo150.csv/.txt (Idx ... Name columns) or one name per line; default: found in "
+                   "source, else class_<i>")
+    name: str = setting("ade20k", help="dataset name: manifests are named <name>-<output folder>")
+    seed: int = setting(0, ge=0, help="seed of the sample order")
+    samples_per_shard: int = setting(1000, ge=1, help="image/mask pairs per shard (skipped ones leave it smaller)")
+    quality: int = setting(90, ge=1, le=100, help="JPEG quality of converted images (PNG, CMYK, ...)")
+    max_pixels: int = setting(PIL_DEFAULT_MAX_PIXELS, ge=1, help="larger images are skipped (decompression bombs)")
+    workers: int = setting(0, ge=0, help="processes writing shards; 0: one per CPU", identity=False)
+
+    def check(self) -> None:
+        outputs = list(self.splits.values())
+        if not outputs or len(set(outputs)) != len(outputs):
+            raise SettingError("splits", f"expected at least one split and distinct output folders, got {outputs}")
 
 
 @dataclass

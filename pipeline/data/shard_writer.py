@@ -1,8 +1,8 @@
 """Write shards deterministically and atomically, keep finished ones on a re-run, and finish a dataset.
 
 A shard's bytes depend only on its job, so shards can be written by any number of processes or Slurm array
-tasks without coordination: members come in a fixed order (``.jpg``, ``.cls``/``.txt``, ``.json``) with
-mtime 0, uid/gid 0, empty owner names and mode 0444. The tar is written under a temporary name and renamed
+tasks without coordination: members come in a fixed order (``.jpg``, ``.cls``/``.txt``/``.seg.png``, ``.json``)
+with mtime 0, uid/gid 0, empty owner names and mode 0444. The tar is written under a temporary name and renamed
 when complete, then its index (``NNNNNN.idx``, where each sample's bytes lie: readers never scan the tar, see
 :mod:`pipeline.data.tar_index`), the shard's parquet, then ``NNNNNN_stats.json``, which marks the shard finished
 and records its sha256 and the fingerprint of its job. A re-run keeps a shard whose stats match its job and
@@ -37,18 +37,19 @@ from pipeline.data.pool import run_all
 from pipeline.data.tar_index import HashingWriter, TarIndex, index_path
 
 STATS_SUFFIX = "_stats.json"
-TARGETS = {"classification": ("cls", "label"), "captions": ("txt", "caption")}
+TARGETS = {"classification": ("cls", "label"), "captions": ("txt", "caption"), "segmentation": ("seg.png", "mask")}
 SHARD_FILE = re.compile(r"^(\d{6})(\.tar|\.idx|\.parquet|_stats\.json)$")
 REPORT_SAMPLE_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One sample ready to store; ``target`` is the class index (``.cls``) or the caption (``.txt``)."""
+    """One sample ready to store; ``target`` is the class index (``.cls``), the caption (``.txt``) or the PNG
+    bytes of a class-index mask (``.seg.png``)."""
 
     key: str
     image: bytes
-    target: int | str
+    target: int | str | bytes
     uid: str
     width: int
     height: int
@@ -292,7 +293,10 @@ def _check_all(directory: Path, plan: DatasetPlan, indices: list[int], workers: 
 
 def _add_sample(tar: tarfile.TarFile, sample: Sample, target_ext: str) -> None:
     """Append one sample's members in the fixed order."""
-    target_bytes = sample.target.encode("utf-8") if target_ext == "txt" else str(int(sample.target)).encode()
+    if isinstance(sample.target, bytes):
+        target_bytes = sample.target
+    else:
+        target_bytes = sample.target.encode("utf-8") if target_ext == "txt" else str(int(sample.target)).encode()
     meta = {"uid": sample.uid, "width": sample.width, "height": sample.height, **sample.meta}
     meta_bytes = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     for ext, data in (("jpg", sample.image), (target_ext, target_bytes), ("json", meta_bytes)):
@@ -305,7 +309,7 @@ def _add_sample(tar: tarfile.TarFile, sample: Sample, target_ext: str) -> None:
 
 def _parquet_bytes(rows: dict[str, list], target: str) -> bytes:
     schema = pa.schema([("key", pa.string()), ("uid", pa.string()),
-                        (target, pa.int64() if target == "label" else pa.string()),
+                        (target, {"label": pa.int64(), "mask": pa.binary()}.get(target, pa.string())),
                         ("width", pa.int32()), ("height", pa.int32())])
     buffer = io.BytesIO()
     pq.write_table(pa.table(rows, schema=schema), buffer)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.core.config.types import InputPath, setting
+from pipeline.core.config.types import InputPath, SettingError, setting
 
-Protocol = Literal["top1", "knn", "linear", "zeroshot", "analysis"]
+Protocol = Literal["top1", "knn", "linear", "zeroshot", "analysis", "segmentation"]
 DINOV2_KS = (10, 20, 100, 200)
 DINOV2_TEMPERATURE = 0.07
 TEMPLATE_SETS = ("openai_imagenet", "simple_imagenet")
@@ -48,6 +48,18 @@ class AnalysisSettings:
 
 
 @dataclass
+class SegmentationEvalSettings:
+    """mIoU, per-class IoU and pixel accuracy of a segmenter export (mmseg's ADE20K evaluation)."""
+
+    modes: list[Literal["whole", "slide"]] = setting(
+        default_factory=lambda: ["whole", "slide"],
+        help="whole: single-scale on the image resized to the export's scale; slide: windows of the training crop")
+    stride: int = setting(0, ge=0, help="slide: window stride in pixels (0: 2/3 of the crop, mmseg's 341 for 512)")
+    overlays: int = setting(4, ge=0, help="validation images drawn with ground truth, prediction and KoPE phases",
+                            identity=False)
+
+
+@dataclass
 class EvalSettings:
     protocols: list[Protocol] = setting(default_factory=lambda: ["top1", "knn", "linear", "analysis"],
                                         help="evaluations to run (top1 needs a classifier, zeroshot a CLIP model)")
@@ -59,6 +71,7 @@ class EvalSettings:
     linear: LinearProbeSettings = field(default_factory=LinearProbeSettings)
     zeroshot: ZeroShotSettings = field(default_factory=ZeroShotSettings)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    segmentation: SegmentationEvalSettings = field(default_factory=SegmentationEvalSettings)
 
 
 @dataclass(kw_only=True)
@@ -70,3 +83,10 @@ class EvaluateSettings(EvalSettings):
     train: InputPath | None = setting(None, help="sharded training set for k-NN and linear probes")
     extra_val: dict[str, InputPath] = setting(default_factory=dict,
                                               help="more evaluation sets by name, e.g. {v2: '@shard_v2/val'}")
+
+    def check(self) -> None:
+        if "segmentation" in self.protocols and len(self.protocols) > 1:
+            raise SettingError("protocols", "segmentation evaluates a segmenter export (finetune_segmentation) on a "
+                                            "segmentation set: run it in an evaluate stage of its own")
+        if "segmentation" in self.protocols and not self.segmentation.modes:
+            raise SettingError("segmentation.modes", "name at least one of whole, slide")

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from pipeline.core.config.types import InputPath, SettingError, setting
 from pipeline.core.config.validate import suggest
-from pipeline.data.settings import DinoAugSettings, LoaderSettings, SupervisedAugSettings
+from pipeline.data.settings import DinoAugSettings, LoaderSettings, SegmentationAugSettings, SupervisedAugSettings
 
 Mode = Literal["supervised", "dino", "clip"]
 Precision = Literal["auto", "fp32", "bf16", "bf16_autocast"]
@@ -310,3 +310,35 @@ class FinetuneSettings(TrainSettings):
     def check(self) -> None:
         super().check()
         _check_supervised(self.supervised, self.zero_stage, self.loader.batch_size)
+
+
+@dataclass
+class SegmentationSettings:
+    """Heads and augmentation of segmentation fine-tuning; defaults are mmseg's SETR-PUP on ADE20K 512x512."""
+
+    head: Literal["setr_pup", "linear"] = setting("setr_pup", help="setr_pup (SETR progressive upsampling, the "
+                                                                   "paper's) or linear (BatchNorm + 1x1 conv)")
+    out_indices: list[int] = setting(default_factory=lambda: [-1], help="backbone blocks the heads read: the last "
+                                     "feeds the decode head, the others SETR-PUP's auxiliary heads (ViT-L: 9 14 19 23)")
+    channels: int = setting(256, ge=1, help="setr_pup: channels of its convolutions")
+    num_convs: int = setting(0, ge=0, help="setr_pup: conv + 2x upsampling stages (0: log2 of the patch size)")
+    aux_convs: int = setting(2, ge=0, help="setr_pup: stages of each auxiliary head")
+    aux_weight: float = setting(0.4, ge=0, help="loss weight of each auxiliary head (0: no auxiliary heads)")
+    dropout: float = setting(0.0, ge=0, lt=1, help="dropout before each classifier")
+    aug: SegmentationAugSettings = field(default_factory=SegmentationAugSettings)
+
+
+@dataclass(kw_only=True)
+class FinetuneSegmentationSettings(TrainSettings):
+    """Stage ``finetune_segmentation``: an exported backbone with a segmentation head, trained per pixel."""
+
+    mode: ClassVar[str] = "segmentation"
+    init: InputPath = setting(help="an export folder with config.json + model.safetensors, e.g. '@export'")
+    model_kwargs: dict[str, Any] = setting(default_factory=dict,
+                                           help="extra timm arguments of the backbone, e.g. {drop_path_rate: 0.1}")
+    segmentation: SegmentationSettings = field(default_factory=SegmentationSettings)
+
+    def check(self) -> None:
+        super().check()
+        if not self.segmentation.out_indices:
+            raise SettingError("segmentation.out_indices", "name at least one backbone block")

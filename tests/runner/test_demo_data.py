@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -77,3 +78,23 @@ def test_fewer_digits_fewer_classes_and_zeroshot_names_match_the_captions(tmp_pa
 def test_digits_out_of_range_is_refused():
     with pytest.raises(ValueError, match="digits must be between 2 and 10"):
         DemoSpec(digits=1)
+
+
+def test_segmentation_masks_label_each_digit_pixel_by_its_digit(tmp_path):
+    root = make_demo_data(tmp_path / "demo", DemoSpec(seed=2, digits=4, train_per_class=2, val_per_class=1,
+                                                      captioned=1))
+    seg = root / "segmentation"
+    assert (seg / "classes.txt").read_text().split() == ["background", "zero", "one", "two", "three"]
+    images = sorted((seg / "images" / "training").glob("*.jpg"))
+    assert len(images) == 24 and len(list((seg / "images" / "validation").glob("*.jpg"))) == 12
+    for path in images:
+        pair = class_pairs(4)[[wnid(p) for p in class_pairs(4)].index(path.stem.split("_")[0])]
+        assert path.read_bytes() == (root / "imagenet" / "train" / wnid(pair) / f"{path.stem}.JPEG").read_bytes()
+        with Image.open(seg / "annotations" / "training" / f"{path.stem}.png") as annotation, Image.open(path) as image:
+            mask, pixels = np.array(annotation), np.array(image.convert("L")).astype(float)
+        assert annotation.mode == "L" and mask.shape == (64, 64)
+        assert set(np.unique(mask[:, :30]).tolist()) == {0, pair[0] + 1}  # the left digit, and background
+        assert set(np.unique(mask[:, 34:]).tolist()) == {0, pair[1] + 1}
+        assert pixels[mask > 0].mean() > pixels[mask == 0].mean() + 60  # masks cover the bright ink
+    assert not (make_demo_data(tmp_path / "plain", DemoSpec(seed=2, segmentation=False, train_per_class=1,
+                                                            val_per_class=1, captioned=1)) / "segmentation").exists()

@@ -8,9 +8,11 @@ from pipeline.train.settings import PretrainSettings
 from pipeline.train.task import Task
 from pipeline.train.tasks.clip import ClipTask
 from pipeline.train.tasks.dino import DinoTask
+from pipeline.train.tasks.segmentation import SegmentationTask
 from pipeline.train.tasks.supervised import SupervisedTask, TimmModel
 
-TASKS: dict[str, type] = {"supervised": SupervisedTask, "dino": DinoTask, "clip": ClipTask}
+TASKS: dict[str, type] = {"supervised": SupervisedTask, "dino": DinoTask, "clip": ClipTask,
+                          "segmentation": SegmentationTask}
 
 __all__ = ["TASKS", "TimmModel", "create_task"]
 
