@@ -81,6 +81,8 @@ class SupervisedSettings:
     aug: SupervisedAugSettings = field(default_factory=SupervisedAugSettings)
     val_data: InputPath | None = setting(None, help="sharded validation set: top-1 of the exported model at the end")
     val_batch_size: int = setting(256, ge=1, help="evaluation batch size", identity=False)
+    val_while_training: bool = setting(False, help="also measure val_data's top-1 of the trained weights at every "
+                                                   "logging step (TensorBoard model/val_top1)", identity=False)
 
 
 @dataclass
@@ -178,6 +180,8 @@ class TrainSettings:
 
 
 def _check_supervised(settings: SupervisedSettings, zero_stage: int, batch_size: int) -> None:
+    if settings.val_while_training and settings.val_data is None:
+        raise SettingError("supervised.val_while_training", "needs supervised.val_data")
     if settings.ema_decay > 0 and zero_stage == 3:
         raise SettingError("supervised.ema_decay", "an EMA of the weights needs zero_stage 0, 1 or 2 (ZeRO-3 shards "
                                                    "the weights it follows); set ema_decay: 0 or zero_stage: 2")

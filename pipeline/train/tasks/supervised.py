@@ -84,6 +84,7 @@ class SupervisedTask:
         self.ema: ModelEma | None = None
         self.scalar_names: set[str] = set()
         self._probe: torch.Tensor | None = None
+        self._rank = 0
 
     def begin(self, total_steps: int) -> None:
         """Nothing depends on the run's length."""
@@ -105,6 +106,7 @@ class SupervisedTask:
         return module
 
     def build_loader(self, rank: int, world_size: int) -> ResumableLoader:
+        self._rank = rank
         samples = supervised_samples(self.settings.aug, train=True, draft_size=self.loader_settings.draft_size)
         return ResumableLoader(self.data_dir, samples, self.loader_settings, seed=self.seed, rank=rank,
                                world_size=world_size)
@@ -127,8 +129,12 @@ class SupervisedTask:
     def extra_metrics(self, engine: Any) -> dict[str, float]:
         if self._probe is None:
             return {}
-        with gathered_parameters(engine), forward_precision(engine):
-            return kope_metrics(engine.module, self._probe)
+        with gathered_parameters(engine), forward_precision(engine) as dtype:
+            metrics = kope_metrics(engine.module, self._probe)
+            if self.settings.val_while_training and self._rank == 0:
+                val = self._val_accuracy(engine.module, engine.device, workers=0, dtype=dtype)
+                metrics["val_top1"] = val["val_top1"]
+            return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict() if self.ema is not None else None}
@@ -162,25 +168,35 @@ class SupervisedTask:
         return {name: ema.get(name, tensor).float() if tensor.is_floating_point() else tensor
                 for name, tensor in module_state.items()}, "ema"
 
-    @torch.no_grad()
     def evaluate(self, weights: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, float]:
         """Top-1 and top-5 accuracy (fractions, as the evaluate stage reports them) of ``weights`` on
         ``val_data`` (centre crops), in this process alone."""
         if self.val_dir is None:
             return {}
         spec = self.model_spec()
-        model = timm.create_model(spec["name"], **spec["kwargs"]).to(device).eval()
+        model = timm.create_model(spec["name"], **spec["kwargs"]).to(device)
         model.load_state_dict(weights)
+        return self._val_accuracy(model, device, workers=self.loader_settings.num_workers)
+
+    @torch.no_grad()
+    def _val_accuracy(self, model: nn.Module, device: torch.device, workers: int,
+                      dtype: torch.dtype = torch.float32) -> dict[str, float]:
+        """Accuracy of ``model`` on ``val_data`` in eval mode (its training mode is restored), images in ``dtype``;
+        ``workers`` loader processes (0 during training: none started at every logging step)."""
         samples = supervised_samples(self.settings.aug, train=False, draft_size=self.loader_settings.draft_size)
         settings = replace(self.loader_settings, batch_size=self.settings.val_batch_size, shuffle=False,
-                           drop_last=False, repeats=1, resampled=False, samples_per_epoch=0)
+                           drop_last=False, repeats=1, resampled=False, samples_per_epoch=0, num_workers=workers)
         correct1 = correct5 = seen = 0
-        for batch in ResumableLoader(self.val_dir, samples, settings, seed=self.seed):
-            logits = model(batch["image"].to(device))
-            labels = batch["label"].to(device)
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            correct1 += int((top5[:, 0] == labels).sum())
-            correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
-            seen += len(labels)
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in ResumableLoader(self.val_dir, samples, settings, seed=self.seed):
+                logits = model(batch["image"].to(device, dtype))
+                labels = batch["label"].to(device)
+                top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                correct1 += int((top5[:, 0] == labels).sum())
+                correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
+                seen += len(labels)
+        finally:
+            model.train(was_training)
         return {"val_top1": correct1 / seen, "val_top5": correct5 / seen, "val_samples": float(seen)}
-
