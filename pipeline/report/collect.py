@@ -15,7 +15,7 @@ from pipeline.core.run_dir import RunDir
 from pipeline.report.events import read_scalars
 
 LOSS_TAG = "train/loss"
-VAL_TAGS = ("model/val_top1", "eval/val_top1")  # during training (val_while_training), else the final one
+VAL_TAGS = ("model/val_top1", "eval/val_top1")  # during training (val_every_steps), else the final one
 PROTOCOL_METRICS = {"top1": ("top1", "top1"), "top5": ("top1", "top5"), "knn_top1": ("knn", "top1"),
                     "linear_top1": ("linear", "top1"), "zeroshot_top1": ("zeroshot", "top1")}
 ANALYSIS_METRICS = ("gini", "synchrony", "entropy")

@@ -85,9 +85,11 @@ class SupervisedTask:
         self.scalar_names: set[str] = set()
         self._probe: torch.Tensor | None = None
         self._rank = 0
+        self._steps_done = self._total_steps = 0  # for val_every_steps
 
     def begin(self, total_steps: int) -> None:
-        """Nothing depends on the run's length."""
+        """Only the validation cadence depends on the run's length (a point at the last step)."""
+        self._total_steps = total_steps
 
     def _size_args(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "img_size": self.settings.aug.image_size}
@@ -119,6 +121,7 @@ class SupervisedTask:
         with forward_precision(engine) as dtype:
             images = images.to(dtype)
         self._probe = images[:PROBE_IMAGES].detach()
+        self._steps_done = step + 1
         logits = engine(images)
         return self.criterion(logits.float(), targets), {}
 
@@ -131,10 +134,14 @@ class SupervisedTask:
             return {}
         with gathered_parameters(engine), forward_precision(engine) as dtype:
             metrics = kope_metrics(engine.module, self._probe)
-            if self.settings.val_while_training and self._rank == 0:
+            if self._rank == 0 and self._val_due():
                 val = self._val_accuracy(engine.module, engine.device, workers=0, dtype=dtype)
                 metrics["val_top1"] = val["val_top1"]
             return metrics
+
+    def _val_due(self) -> bool:
+        every = self.settings.val_every_steps
+        return bool(every) and (self._steps_done % every == 0 or self._steps_done == self._total_steps)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict() if self.ema is not None else None}
