@@ -29,6 +29,7 @@ class StageKind:
     settings: str
     module: str
     parts: bool = False  # has run_part(): may run as a Slurm array job
+    rerun_when_changed: bool = False  # a cheap view of its inputs: re-run when they change instead of stopping
 
     def settings_class(self) -> type:
         module_name, _, attribute = self.settings.partition(":")
@@ -60,6 +61,7 @@ BUILTIN_KINDS: dict[str, StageKind] = {kind.name: kind for kind in (
               "stages.finetune_segmentation"),
     StageKind("export", "pipeline.export.settings:ExportSettings", "stages.export"),
     StageKind("evaluate", "pipeline.evaluation.settings:EvaluateSettings", "stages.evaluate"),
+    StageKind("report", "pipeline.report.settings:ReportSettings", "stages.report", rerun_when_changed=True),
 )}
 
 

@@ -1,6 +1,7 @@
 """Which stages a ``kope run`` touches, and which of them must run: finished stages are skipped while their
 identity and inputs are unchanged; when they changed, planning stops and names what changed instead of silently
-re-running or reusing them (``--force`` re-runs a stage and everything downstream)."""
+re-running or reusing them (``--force`` re-runs a stage and everything downstream). Kinds whose outputs are only a
+view of their inputs (``rerun_when_changed``: the report) simply run again."""
 
 from __future__ import annotations
 
@@ -75,7 +76,9 @@ def plan_run(config: PipelineConfig, run: RunDir, selection: Selection) -> Plan:
             current = input_fingerprints(config, spec, run)
             reasons += [f"input {key} changed" for key in sorted(set(current) | set(state.inputs))
                         if current.get(key) != state.inputs.get(key)]
-        if reasons:
+        if reasons and spec.kind.rerun_when_changed:
+            to_run.append(name)
+        elif reasons:
             stale[name] = f"stage '{name}' is done but changed since: {'; '.join(reasons)}"
         else:
             skip.append(name)

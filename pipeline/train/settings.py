@@ -133,6 +133,10 @@ class SupervisedSettings:
     aug: SupervisedAugSettings = field(default_factory=SupervisedAugSettings)
     val_data: InputPath | None = setting(None, help="sharded validation set: top-1 of the exported model at the end")
     val_batch_size: int = setting(256, ge=1, help="evaluation batch size", identity=False)
+    val_every_steps: int = setting(0, ge=0, help="also measure val_data's top-1 of the trained weights every N steps "
+                                                 "and at the end (TensorBoard model/val_top1; a multiple of "
+                                                 "log_every_steps; 0: only the exported model's, at the end)",
+                                   identity=False)
 
 
 @dataclass
@@ -240,7 +244,13 @@ class TrainSettings:
                                                     f"ranks = {per_step}: change one of them")
 
 
-def _check_supervised(settings: SupervisedSettings, zero_stage: int, batch_size: int) -> None:
+def _check_supervised(settings: SupervisedSettings, zero_stage: int, batch_size: int, log_every_steps: int) -> None:
+    if settings.val_every_steps and settings.val_data is None:
+        raise SettingError("supervised.val_every_steps", "needs supervised.val_data")
+    if settings.val_every_steps % log_every_steps:
+        raise SettingError("supervised.val_every_steps", f"{settings.val_every_steps} is not a multiple of "
+                                                         f"log_every_steps {log_every_steps} (it is measured when "
+                                                         "training logs)")
     if settings.ema_decay > 0 and zero_stage == 3:
         raise SettingError("supervised.ema_decay", "an EMA of the weights needs zero_stage 0, 1 or 2 (ZeRO-3 shards "
                                                    "the weights it follows); set ema_decay: 0 or zero_stage: 2")
@@ -268,7 +278,7 @@ class SupervisedPretrain(PretrainSettings):
 
     def check(self) -> None:
         super().check()
-        _check_supervised(self.supervised, self.zero_stage, self.loader.batch_size)
+        _check_supervised(self.supervised, self.zero_stage, self.loader.batch_size, self.log_every_steps)
 
 
 @dataclass(kw_only=True)
@@ -309,7 +319,7 @@ class FinetuneSettings(TrainSettings):
 
     def check(self) -> None:
         super().check()
-        _check_supervised(self.supervised, self.zero_stage, self.loader.batch_size)
+        _check_supervised(self.supervised, self.zero_stage, self.loader.batch_size, self.log_every_steps)
 
 
 @dataclass

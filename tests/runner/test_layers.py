@@ -12,7 +12,7 @@ LAYERS = {
     "pipeline.models": 1, "pipeline.data": 1, "pipeline.checkpoint": 1,
     "pipeline.train": 2,
     "pipeline.export": 3,
-    "pipeline.evaluation": 4,
+    "pipeline.evaluation": 4, "pipeline.report": 4,
     "stages": 5, "cluster": 5,
 }
 

@@ -92,9 +92,13 @@ class SupervisedTask:
         self.probe_module: ProbeModule | None = None
         self.scalar_names: set[str] = set()
         self._probe: torch.Tensor | None = None
+        self._rank = 0
+        self._steps_done = self._total_steps = 0  # for val_every_steps
 
     def begin(self, total_steps: int, zero_stage: int = 0) -> None:
-        """Nothing depends on the run's length; the ZeRO stage decides where the logging probe runs."""
+        """The validation cadence depends on the run's length (a point at the last step); the ZeRO stage decides
+        where the logging probe (and the validation during training) runs."""
+        self._total_steps = total_steps
         self.zero_stage = zero_stage
 
     def _size_args(self) -> dict[str, Any]:
@@ -115,6 +119,7 @@ class SupervisedTask:
         return module
 
     def build_loader(self, rank: int, world_size: int) -> ResumableLoader:
+        self._rank = rank
         samples = supervised_samples(self.settings.aug, train=True, draft_size=self.loader_settings.draft_size)
         return ResumableLoader(self.data_dir, samples, self.loader_settings, seed=self.seed, rank=rank,
                                world_size=world_size)
@@ -133,6 +138,7 @@ class SupervisedTask:
         with forward_precision(engine) as dtype:
             images = images.to(dtype)
         self._probe = images[:PROBE_IMAGES].detach()
+        self._steps_done = step + 1
         logits = engine(images)
         return self.criterion(logits.float(), targets), {}
 
@@ -143,8 +149,16 @@ class SupervisedTask:
     def extra_metrics(self, engine: Any) -> dict[str, float]:
         if self._probe is None:
             return {}
-        with self.probe_module(engine, engine.module) as module, forward_precision(engine):
-            return kope_metrics(module, self._probe)
+        with self.probe_module(engine, engine.module) as module, forward_precision(engine) as dtype:
+            metrics = kope_metrics(module, self._probe)
+            if self._rank == 0 and self._val_due():
+                val = self._val_accuracy(module, engine.device, workers=0, dtype=dtype)
+                metrics["val_top1"] = val["val_top1"]
+            return metrics
+
+    def _val_due(self) -> bool:
+        every = self.settings.val_every_steps
+        return bool(every) and (self._steps_done % every == 0 or self._steps_done == self._total_steps)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict() if self.ema is not None else None}
@@ -178,25 +192,35 @@ class SupervisedTask:
         return {name: ema.get(name, tensor).float() if tensor.is_floating_point() else tensor
                 for name, tensor in module_state.items()}, "ema"
 
-    @torch.no_grad()
     def evaluate(self, weights: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, float]:
         """Top-1 and top-5 accuracy (fractions, as the evaluate stage reports them) of ``weights`` on
         ``val_data`` (centre crops), in this process alone."""
         if self.val_dir is None:
             return {}
         spec = self.model_spec()
-        model = timm.create_model(spec["name"], **spec["kwargs"]).to(device).eval()
+        model = timm.create_model(spec["name"], **spec["kwargs"]).to(device)
         model.load_state_dict(weights)
+        return self._val_accuracy(model, device, workers=self.loader_settings.num_workers)
+
+    @torch.no_grad()
+    def _val_accuracy(self, model: nn.Module, device: torch.device, workers: int,
+                      dtype: torch.dtype = torch.float32) -> dict[str, float]:
+        """Accuracy of ``model`` on ``val_data`` in eval mode (its training mode is restored), images in ``dtype``;
+        ``workers`` loader processes (0 during training: none started at every logging step)."""
         samples = supervised_samples(self.settings.aug, train=False, draft_size=self.loader_settings.draft_size)
         settings = replace(self.loader_settings, batch_size=self.settings.val_batch_size, shuffle=False,
-                           drop_last=False, repeats=1, resampled=False, samples_per_epoch=0)
+                           drop_last=False, repeats=1, resampled=False, samples_per_epoch=0, num_workers=workers)
         correct1 = correct5 = seen = 0
-        for batch in ResumableLoader(self.val_dir, samples, settings, seed=self.seed):
-            logits = model(self.images(batch["image"], device))
-            labels = batch["label"].to(device)
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            correct1 += int((top5[:, 0] == labels).sum())
-            correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
-            seen += len(labels)
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in ResumableLoader(self.val_dir, samples, settings, seed=self.seed):
+                logits = model(self.images(batch["image"], device).to(dtype))
+                labels = batch["label"].to(device)
+                top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                correct1 += int((top5[:, 0] == labels).sum())
+                correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
+                seen += len(labels)
+        finally:
+            model.train(was_training)
         return {"val_top1": correct1 / seen, "val_top5": correct5 / seen, "val_samples": float(seen)}
-
