@@ -3,18 +3,9 @@ included (the figures mean nothing here; the test keeps the tool working as the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tools import load_tool
 
 
 def test_bench_loader_reports_the_stream_for_float_and_uint8_batches(capsys):

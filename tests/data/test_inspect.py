@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,16 +16,10 @@ from pipeline.data.manifest import Manifest
 from pipeline.data.settings import ImageNetShardSettings
 from stages import shard_imagenet
 from tests.data.shard_fixtures import make_imagenet_tree, stage_context
+from tests.tools import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "inspect_shards.py"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("inspect_shards", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,7 @@ def test_cli_prints_summary_and_writes_a_png_grid(dataset, tmp_path):
 
 
 def test_verify_names_a_damaged_shard_and_bad_folders_fail_in_one_line(dataset, tmp_path):
-    tool = load_tool()
+    tool = load_tool("inspect_shards")
     damaged = tmp_path / "copy"
     damaged.mkdir()
     for path in dataset.iterdir():

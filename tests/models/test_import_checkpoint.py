@@ -9,11 +9,9 @@ the identity; and the folders the tool writes load through timm and open_clip an
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-from pathlib import Path
 
 import open_clip
 import pytest
@@ -28,8 +26,8 @@ from pipeline.export.checksums import verify_checksums
 from pipeline.models import authors_layout as layout
 from pipeline.models.clip import register_open_clip_configs
 from pipeline.models.phase import inverse_softplus
+from tests.tools import load_tool
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 SMALL = dict(width=384, depth=12, heads=6)
 PUBLISHED_SUPERVISED_META = {  # the fields their converter keeps, as their published supervised command sets them
     "arch_name": "vit_kope", "model_variant": "small", "patch_size": 16, "input_size": 32, "block_type": "base",
@@ -48,13 +46,6 @@ SIMDINO_STUDENT = {  # their published SimDINOv2 command's student settings
     "kope_vo_rotation": True, "kope_mix": True, "kope_mix_init_gain": 0.1, "kope_mix_phase_norm": True, "base": 20,
     "no_phase_norm": True, "qknorm": False, "ffn_layer": "mlp", "block_chunks": 4,
 }
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def randn(generator: torch.Generator, *shape, std: float = 0.02, mean: float = 0.0, dtype=torch.float32):

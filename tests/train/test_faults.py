@@ -19,6 +19,7 @@ from pipeline.core.errors import INTERRUPTED_EXIT_CODE
 from pipeline.train import tasks
 from pipeline.train.faults import NonFiniteLossError, Preempted
 from pipeline.train.tasks.supervised import SupervisedTask
+from tests.tools import load_tool
 from tests.train.helpers import (
     REPO,
     assert_same_tensors,
@@ -31,7 +32,6 @@ from tests.train.helpers import (
     use_shared_torch_extensions,
     write_pipeline,
 )
-from tests.train.test_bench_train import load_tool
 
 
 def faulty_task(nan_steps: tuple[int, ...] = (), nan_from: int | None = None,

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.core.config.merge import deep_merge
 from pipeline.core.config.schema import PipelineConfig, build_pipeline
 from pipeline.core.errors import ConfigError
 
@@ -143,23 +144,15 @@ def _expand(node: Any, source: Path, chain: tuple[Path, ...], path: KeyPath, pro
             continue
         if not isinstance(content, dict):
             raise ConfigError("an included file must hold a mapping", file=str(included))
-        _merge(merged, _expand(content, included, (*chain, source), path, prov))
+        deep_merge(merged, _expand(content, included, (*chain, source), path, prov))
     own = {key: value for key, value in node.items() if key != INCLUDE_KEY}
     for key, value in own.items():
         if not isinstance(key, str):
             raise ConfigError(f"keys must be strings, got {key!r}", file=str(source), key=_dotted(path))
         expanded = _expand(value, source, chain, (*path, key), prov)
-        _merge(merged, {key: expanded})
+        deep_merge(merged, {key: expanded})
     return merged
 
-
-def _merge(base: dict, overlay: dict) -> None:
-    """Deep-merge ``overlay`` into ``base``; mappings merge, everything else replaces."""
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
 
 
 def apply_override(tree: dict, override: str, prov: Provenance) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.core.config.merge import deep_merge
 from pipeline.core.config.types import setting
 from pipeline.core.errors import ConfigError
 from pipeline.core.graph import find_cycle, topological_order
@@ -285,17 +286,10 @@ def _set_path(node: dict, keys: list[str], value: Any, where: tuple[str, ...], e
         node = child
     last = keys[-1]
     if isinstance(value, dict) and isinstance(node.get(last), dict):
-        _merge(node[last], value)
+        deep_merge(node[last], value)
     else:
         node[last] = value
 
-
-def _merge(base: dict, overlay: dict) -> None:
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
 
 
 def _rewire(node: Any, path: tuple[str, ...], axes: dict[str, list[Axis]], choice: dict[Axis, int],
