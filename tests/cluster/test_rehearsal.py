@@ -1,8 +1,9 @@
 """The scale rehearsal on a real Slurm: the paper's three production pipelines (configs/pipelines/rehearsal.yaml
 includes them as they ship) on ImageNet- and DataComp-shaped data made at test time, the sharding stages as
 two-task arrays (the DataComp download from a server on 127.0.0.1), the supervised pretraining as a two-node
-DeepSpeed job requeued by ``scontrol requeue`` while it trains. Everything completes, ``kope status`` shows it,
-and the exports load through timm and open_clip."""
+DeepSpeed job requeued by ``scontrol requeue`` while it trains. Every stage is a job started after its parents
+(``afterok``), everything completes, ``kope status`` shows it (the requeue included), and the exports load through
+timm and open_clip. (The demo pipeline's learning is ``tests/test_demo_pipeline.py``'s business.)"""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from cluster.slurm_state import query_jobs
 from pipeline.core.results import ResultsLog
 from pipeline.core.run_dir import RunDir
 from tests.cluster.conftest import REPO, read_state, wait_until
-from tests.cluster.test_slurm_pipeline import PROFILE, job_of, kope, run_to_completion
+from tests.cluster.test_slurm_pipeline import PROFILE, job_of, kope, run_to_completion, squeue_state, submission_script
 from tests.train.helpers import latest_step, train_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_slurm")]
@@ -45,12 +46,19 @@ def test_the_production_pipelines_rehearse_on_two_nodes_with_a_requeue(tmp_path)
                interval_s=0.2)
     subprocess.run(["scontrol", "requeue", pretrain], check=True)
     assert latest_step(run_dir, "pretrain_supervised") < 12, "the requeue landed while training"
+    wait_until(lambda: squeue_state(pretrain) == "PENDING|BeginTime", 120, "the requeued job to wait")
+    assert "requeued" in kope(env, "status", str(run_dir)).stdout
     for name in stages:
         assert run_to_completion(jobs[name], timeout_s=REHEARSAL_TIMEOUT_S) == "COMPLETED", name
     wall_s = time.monotonic() - started
     print(f"rehearsal on the local Slurm: {wall_s:.0f} s wall")
 
     assert all(read_state(run_dir, name).status == "done" for name in stages)
+    assert len(set(jobs.values())) == len(stages), "one job per stage"
+    for name, parent in (("pretrain_dino", "shard_imagenet"), ("export_clip", "pretrain_clip"),
+                         ("evaluate_finetune_dino", "finetune_dino")):
+        assert f"afterok:{jobs[parent]}" in submission_script(run_dir, jobs[name])
+        assert read_state(run_dir, name).started_at >= read_state(run_dir, parent).ended_at
     table = kope(env, "status", str(run_dir)).stdout
     rows = {line.split()[0]: line for line in table.splitlines()[1:]}
     assert all("done" in rows[name] and "COMPLETED" in rows[name] for name in stages), table

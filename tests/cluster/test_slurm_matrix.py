@@ -23,7 +23,7 @@ def test_matrix_variants_are_independent_jobs_that_run_in_parallel(write_pipelin
     assert f"--dependency=afterok:{jobs['b-value_1']}\n" in submission_script(run_dir, jobs["c-value_1"])
     assert jobs["b-value_2"] not in submission_script(run_dir, jobs["c-value_1"])
 
-    both_started = [run_dir / name / "started" for name in ("b-value_1", "b-value_2")]
+    both_started = [run_dir / name / "started.rank0" for name in ("b-value_1", "b-value_2")]
     wait_until(lambda: all(path.exists() for path in both_started), JOB_TIMEOUT_S, "both variants to start")
     assert [read_state(run_dir, name).status for name in ("b-value_1", "b-value_2")] == ["running", "running"], \
         "the second variant started while the first still ran"

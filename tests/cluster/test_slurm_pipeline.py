@@ -188,27 +188,6 @@ def test_two_nodes_all_reduce_under_srun_with_ranks_from_slurm(write_pipeline, k
                        "logs/probe.rank1.log", "probe/result.json"}, "rank 1 writes nothing but its own log"
 
 
-def test_scontrol_requeue_of_a_running_stage_resumes_exactly(write_pipeline, kope_env, tmp_path):
-    path = write_pipeline({"count": stage("counter", steps=30, step_s=0.5)})
-    run_dir = tmp_path / "run"
-    assert kope(kope_env, "run", str(path), "--cluster", PROFILE).returncode == 0
-    job = job_of(run_dir, "count")
-    wait_until(lambda: (run_dir / "count" / "steps.log").exists() and len(steps_log(run_dir)) > 4,
-               JOB_TIMEOUT_S, "a few steps")
-    subprocess.run(["scontrol", "requeue", job], check=True)
-    wait_until(lambda: squeue_state(job) == "PENDING|BeginTime", 120, "the requeued job to wait")
-    assert "requeued" in kope(kope_env, "status", str(run_dir)).stdout
-    assert run_to_completion(job) == "COMPLETED"
-    lines = steps_log(run_dir)
-    steps = [int(line.split()[1]) for line in lines if line.startswith("step")]
-    assert steps == list(range(30)), "every step exactly once"
-    stop = next(line for line in lines if line.startswith("stop"))
-    assert stop.endswith("SIGTERM") and [line for line in lines if line.startswith("start")] == [
-        f"start 0 job {job}", f"start {stop.split()[1]} job {job}"]
-    state = read_state(run_dir, "count")
-    assert state.status == "done" and state.attempt == 2
-
-
 def test_time_limit_checkpoints_and_requeues_until_done(write_pipeline, kope_env, tmp_path):
     # 60 s of steps: longer than the 30 s before the warning plus slurmctld's up to 30 s of lateness in sending it
     path = write_pipeline({"count": stage("counter", steps=30, step_s=2.0)})

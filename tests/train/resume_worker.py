@@ -82,7 +82,10 @@ def block_for(case: Case, data: dict[str, str], workers: int) -> dict[str, Any]:
     common = {"steps": case.steps, "zero_stage": case.zero, "precision": case.precision,
               "global_batch_size": 4 * world * case.accumulation, "log_every_steps": case.log_every,
               "loader": {"batch_size": 4, "num_workers": workers, "window_shards": 2},
-              "checkpoint": {"every_steps": 2, "keep": 10}}
+              "checkpoint": {"every_steps": 2, "keep": 10},
+              # ranks agree on a stop after every step, so a signalled run also stops between checkpoint steps
+              # (the default cadence is tests/train/test_faults.py's)
+              "faults": {"stop_check_every_steps": 1}}
     if case.mode == "supervised":
         block = pretrain_block(data["images"], model=TINY_KOPE, **common,
                                supervised={"ema_decay": 0.0 if case.zero == 3 else 0.9, "aug": {"image_size": 64}})
