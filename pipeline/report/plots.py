@@ -51,6 +51,15 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def _draw_bands(ax, drawn: list, **style) -> None:
+    """One line per variant (the mean of its runs) and, over several runs, the band from lowest to highest."""
+    for row, series in drawn:
+        xs, mean, low, high = _band(series)
+        line, = ax.plot(xs, mean, label=f"{row.variant} ({len(series)})", linewidth=1.6, **style)
+        if len(series) > 1:
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
 def _curve_plot(table: Table, curve: str, by_samples: bool, path: Path) -> bool:
     label, scale = CURVES[curve]
     drawn = [(row, _row_curve(row, curve, by_samples, scale)) for row in table.rows]
@@ -59,11 +68,7 @@ def _curve_plot(table: Table, curve: str, by_samples: bool, path: Path) -> bool:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for row, series in drawn:
-        xs, mean, low, high = _band(series)
-        line, = ax.plot(xs, mean, label=f"{row.variant} ({len(series)})", linewidth=1.6)
-        if len(series) > 1:
-            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    _draw_bands(ax, drawn)
     if curve == "val_top1" and table.target is not None:
         ax.axhline(table.target * 100, color="grey", linestyle=":", linewidth=1,
                    label=f"{table.reference} final mean")
@@ -90,11 +95,7 @@ def _block_plot(table: Table, metric: str, path: Path) -> bool:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for row, series in drawn:
-        xs, mean, low, high = _band(series)
-        line, = ax.plot(xs, mean, marker="o", label=f"{row.variant} ({len(series)})", linewidth=1.6)
-        if len(series) > 1:
-            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    _draw_bands(ax, drawn, marker="o")
     ax.set_xlabel("block")
     ax.set_ylabel(BLOCK_METRICS[metric])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
