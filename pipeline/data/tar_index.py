@@ -22,6 +22,7 @@ import io
 import os
 import struct
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,17 +77,23 @@ def _padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
-def _plain_headers(data: bytes):
-    """(name, header offset, data offset, size) of the regular members in ``data`` (one sample's bytes)."""
-    position = 0
-    while position + BLOCK <= len(data):
-        parsed = _parse_header(data[position:position + BLOCK], position)
+def _walk_headers(read: Callable[[int], bytes]):
+    """(name, header offset, data offset, size) of the regular members, reading only headers: ``read(offset)``
+    returns the 512 bytes at ``offset`` (fewer at the end)."""
+    offset = 0
+    while len(header := read(offset)) == BLOCK:
+        parsed = _parse_header(header, offset)
         if parsed is None:
             return
         kind, name, size = parsed
         if kind in (b"0", b"\0"):
-            yield name, position, position + BLOCK, size
-        position += BLOCK + _padded(size)
+            yield name, offset, offset + BLOCK, size
+        offset += BLOCK + _padded(size)
+
+
+def _plain_headers(data: bytes):
+    """The regular members in ``data`` (one sample's bytes)."""
+    return _walk_headers(lambda offset: data[offset:offset + BLOCK])
 
 
 def sample_members(data: bytes, key: str) -> dict[str, bytes]:
@@ -205,15 +212,7 @@ def _headers_by_pread(path: Path):
     """The regular members of a tar file from one ``pread`` per header (the data blocks are never read)."""
     with open(path, "rb") as stream:
         fd = stream.fileno()
-        offset = 0
-        while len(header := os.pread(fd, BLOCK, offset)) == BLOCK:
-            parsed = _parse_header(header, offset)
-            if parsed is None:
-                return
-            kind, name, size = parsed
-            if kind in (b"0", b"\0"):
-                yield name, offset, offset + BLOCK, size
-            offset += BLOCK + _padded(size)
+        yield from _walk_headers(lambda offset: os.pread(fd, BLOCK, offset))
 
 
 class HashingWriter:

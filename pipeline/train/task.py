@@ -31,6 +31,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from pipeline.checkpoint.files import CheckpointError
+
 
 class Task(Protocol):
     """One training mode."""
@@ -94,3 +96,11 @@ class Task(Protocol):
         and this task's saved ``state_dict``, the model's state dict (as ``model_spec`` builds it) and what it is
         (``trained``, ``ema``, ``teacher``). ``choice``: ``auto`` (the averaged copy when kept), ``averaged``
         (require it) or ``trained``."""
+
+
+def trained_weights_only(module_state: Mapping[str, torch.Tensor], choice: str, run: str
+                         ) -> tuple[dict[str, torch.Tensor], str]:
+    """``inference_weights`` of a mode that keeps no averaged copy (``run`` names it in the error)."""
+    if choice == "averaged":
+        raise CheckpointError(f"weights: averaged requested, but {run} keeps no averaged weights")
+    return dict(module_state), "trained"

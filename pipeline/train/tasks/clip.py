@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.checkpoint.files import CheckpointError
 from pipeline.data.loaders import ResumableLoader
 from pipeline.data.loaders_samples import clip_samples
 from pipeline.data.settings import LoaderSettings
@@ -36,6 +35,7 @@ from pipeline.train.metrics import kope_metrics
 from pipeline.train.probe import ProbeModule
 from pipeline.train.scalar_params import restore_scalars, vectorize_scalar_parameters_
 from pipeline.train.settings import ClipSettings, WeightsChoice
+from pipeline.train.task import trained_weights_only
 
 PROBE_IMAGES = 8
 
@@ -182,6 +182,4 @@ class ClipTask:
     def inference_weights(module_state: Mapping[str, torch.Tensor], task_state: Mapping[str, Any],
                           choice: WeightsChoice) -> tuple[dict[str, torch.Tensor], str]:
         """The whole open_clip model, as trained: CLIP training keeps no averaged copy."""
-        if choice == "averaged":
-            raise CheckpointError("weights: averaged requested, but CLIP training keeps no averaged weights")
-        return dict(module_state), "trained"
+        return trained_weights_only(module_state, choice, "CLIP training")

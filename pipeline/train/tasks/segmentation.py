@@ -19,7 +19,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.checkpoint.files import CheckpointError
 from pipeline.data.loaders import ResumableLoader
 from pipeline.data.manifest import Manifest
 from pipeline.data.segmentation_samples import SegmentationSamples
@@ -31,6 +30,7 @@ from pipeline.train.metrics import kope_metrics
 from pipeline.train.probe import ProbeModule
 from pipeline.train.scalar_params import restore_scalars, vectorize_scalar_parameters_
 from pipeline.train.settings import SegmentationSettings, WeightsChoice
+from pipeline.train.task import trained_weights_only
 from pipeline.train.tasks.supervised import TimmModel
 
 PROBE_IMAGES = 4
@@ -133,6 +133,4 @@ class SegmentationTask:
     def inference_weights(module_state: Mapping[str, torch.Tensor], task_state: Mapping[str, Any],
                           choice: WeightsChoice) -> tuple[dict[str, torch.Tensor], str]:
         """The trained weights: a segmentation run keeps no averaged copy."""
-        if choice == "averaged":
-            raise CheckpointError("weights: averaged requested, but a segmentation run keeps no averaged weights")
-        return dict(module_state), "trained"
+        return trained_weights_only(module_state, choice, "a segmentation run")
