@@ -1,9 +1,9 @@
 """What became of Slurm jobs, and cancelling them.
 
-sacct (the accounting database behind slurmdbd) is asked first: it keeps finished jobs long after the
-controller forgets them. It lags the controller by a few seconds and has no pending reasons, so every job
-it does not report as finished is asked of the controller (squeue) as well. Without accounting, squeue
-alone answers for as long as the controller remembers the job (``MinJobAge``).
+The controller (squeue) is asked first: it is current, and knows every task of an array job. The
+accounting database (sacct) lags it by seconds: shortly after an array job starts or ends it may hold the
+array's own record alone, which would pass for the whole job (one task done, or finished while other tasks
+still run). So sacct answers only for jobs the controller has forgotten (older than ``MinJobAge``).
 """
 
 from __future__ import annotations
@@ -75,8 +75,17 @@ def _sacct(ids: list[str]) -> list[Row]:
 
 
 def _squeue(ids: list[str]) -> list[Row]:
-    text = _run(["squeue", "-h", "--states=all", "-o", "%i|%T|%r", "-j", ",".join(ids)])
-    return _parse(text, 3)
+    fields = "JobArrayID:|,State:|,Reason:|,exit_code:|"
+    rows = _parse(_run(["squeue", "-h", "--states=all", "-O", fields, "-j", ",".join(ids)]), 4)
+    return [(job, state, reason, _exit_code(status)) for job, state, reason, status in rows]
+
+
+def _exit_code(wait_status: str) -> str:
+    """squeue prints the raw wait status (768, 9); sacct's ``code:signal`` (3:0, 0:9) is what users know."""
+    if not wait_status.isdigit():
+        return wait_status
+    status = int(wait_status)
+    return f"{status >> 8}:{status & 0x7F}"
 
 
 def _base_id(printed: str) -> str:
@@ -127,12 +136,13 @@ def query_jobs(job_ids: Iterable[str]) -> dict[str, JobInfo]:
     ids = sorted({str(job_id) for job_id in job_ids if job_id})
     if not ids:
         return {}
-    infos = {job_id: _summarize(job_id, rows) for job_id, rows in _group(_sacct(ids)).items() if job_id in ids}
-    live = [job_id for job_id in ids if job_id not in infos or not infos[job_id].finished]
-    if live:
-        from_controller = _group(_squeue(live))
-        infos.update({job_id: _summarize(job_id, from_controller[job_id])
-                      for job_id in live if job_id in from_controller})
+    from_controller = _group(_squeue(ids))
+    infos = {job_id: _summarize(job_id, from_controller[job_id]) for job_id in ids if job_id in from_controller}
+    forgotten = [job_id for job_id in ids if job_id not in infos]
+    if forgotten:
+        from_accounting = _group(_sacct(forgotten))
+        infos.update({job_id: _summarize(job_id, from_accounting[job_id])
+                      for job_id in forgotten if job_id in from_accounting})
     return {job_id: infos.get(job_id, JobInfo(job_id, "UNKNOWN")) for job_id in ids}
 
 
