@@ -8,8 +8,23 @@ here, before any test module is collected.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Scheduling for pytest-xdist (setup.cfg runs two workers). The tests on the one local Slurm form one
+    group that one worker runs in turn (in parallel their jobs would queue behind each other's), much of it
+    waiting on Slurm while the other worker computes. The longest tests start first so that the short ones
+    fill the gaps at the end: slow before fast, and among the slow the end-to-end ones at the top of tests/
+    (README's demo)."""
+    for item in items:
+        if "local_slurm" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+    tests = Path(__file__).parent
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, item.path.parent != tests))
