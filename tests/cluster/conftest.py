@@ -93,3 +93,11 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, inter
 
 def read_state(run_dir: Path, name: str):
     return RunDir(run_dir).read(name)
+
+
+def requeue_count(job_id: str) -> int:
+    """How often Slurm requeued the job (the controller's ``Restarts``). The log line of submitit's own requeue is
+    no proof: the requeue may kill submitit's ``scontrol requeue`` before it returns and logs."""
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60,
+                           check=True).stdout
+    return int(shown.split("Restarts=", 1)[1].split()[0])
